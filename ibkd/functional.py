@@ -1,0 +1,219 @@
+"""The two losses of IBKD as functions: :func:`infonce` and :func:`hsic`.
+
+Both validate their inputs, pick a backend through the dispatcher (:mod:`ibkd.backend`) and run it:
+the dense ``reference`` backend directly, fused backends (``cpu``, ``triton``, ``cuda``) through the
+``torch.library`` custom ops of :mod:`ibkd.ops`.
+
+Reference: Zhang et al., "Text Representation Distillation via Information Bottleneck Principle",
+EMNLP 2023 (arXiv:2311.05472).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as v
+from . import ops
+from .backend.base import accumulation_dtype, resolve_backend
+
+Number = Union[float, torch.Tensor]
+
+#: above this many rows the median heuristic looks at a fixed, evenly spaced subsample of rows
+MEDIAN_HEURISTIC_MAX_ROWS = 2048
+
+
+def _common_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(a.dtype, b.dtype)
+
+
+def infonce(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    *,
+    temperature: Number = 0.05,
+    normalize: bool = True,
+    symmetric: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """InfoNCE with in-batch negatives: the positive of ``query[i]`` is ``key[i]``, every other key row
+    (including the extra rows ``key[B:]``) is a negative.
+
+    ``loss_i = logsumexp_j(s_ij/τ) − s_ii/τ`` with ``s = query·keyᵀ`` (cosine similarity if
+    ``normalize``). In IBKD the query is the projected student vector P(s) and the key the teacher
+    vector (arXiv:2311.05472, eq. 6).
+
+    Args:
+        query: (B, D) anchors.
+        key: (N, D) with N ≥ B; row i is the positive of query row i.
+        temperature: τ > 0, a float or a 0-dim tensor; if it requires grad its gradient is returned
+            (a CLIP-style learnable temperature).
+        normalize: L2-normalise both inputs first (cosine similarity).
+        symmetric: also the key→query direction (needs N == B): (row loss + column loss)/2.
+        reduction: "mean" | "sum" | "none" (per-row vector of shape (B,)).
+        backend: "auto" or a name from :func:`ibkd.backends`.
+        check_finite: check inputs for NaN/Inf (one cheap reduction; skipped under torch.compile).
+
+    Returns:
+        The loss in the accumulation dtype (float32, or float64 for float64 inputs).
+
+    Example::
+
+        >>> s, t = torch.randn(8, 32, requires_grad=True), torch.randn(8, 32)
+        >>> loss = ibkd.functional.infonce(s, t, temperature=0.05)
+        >>> loss.backward()
+    """
+    v.check_matrix("query", query)
+    v.check_matrix("key", key)
+    v.check_same_device("query", query, "key", key)
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"query and key must have the same feature dimension D, got {query.shape[1]} and {key.shape[1]}"
+        )
+    b, n = query.shape[0], key.shape[0]
+    if n < b:
+        raise ValueError(f"key must have at least as many rows as query (N >= B), got N={n} < B={b}")
+    if symmetric and n != b:
+        raise ValueError(f"symmetric=True needs as many key rows as query rows, got B={b}, N={n}")
+    v.check_choice("reduction", reduction, ops.REDUCTIONS)
+    v.check_positive_scalar("temperature", temperature)
+    if check_finite:
+        v.check_finite("query", query)
+        v.check_finite("key", key)
+
+    dtype = _common_dtype(query, key)
+    query, key = query.to(dtype), key.to(dtype)
+    acc = accumulation_dtype(dtype)
+    if normalize:  # in the accumulation dtype, then back to the input dtype for the kernels
+        query = F.normalize(query.to(acc), dim=1).to(dtype)
+        key = F.normalize(key.to(acc), dim=1).to(dtype)
+
+    impl = resolve_backend(backend, query.device, dtype, "infonce", (b, n, query.shape[1]))
+    if not impl.fused:
+        rows = impl.infonce(query, key, temperature, symmetric)
+        return rows.mean() if reduction == "mean" else rows.sum() if reduction == "sum" else rows
+
+    if isinstance(temperature, torch.Tensor):
+        inv_temp = (1.0 / temperature.to(device=query.device, dtype=acc)).reshape(())
+    else:
+        inv_temp = torch.tensor(1.0 / float(temperature), dtype=acc, device=query.device)
+    needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or inv_temp.requires_grad)
+    red = ops.REDUCTIONS[reduction]
+    fuse_grad = needs_grad and red != 0
+    loss, *_ = ops.infonce_op(query.contiguous(), key.contiguous(), inv_temp, symmetric, red, fuse_grad, impl.name)
+    return loss
+
+
+def median_heuristic_gamma(a: torch.Tensor, max_rows: int = MEDIAN_HEURISTIC_MAX_ROWS) -> torch.Tensor:
+    """γ = 1/(2·median of the pairwise squared distances ‖a_i − a_j‖², i < j), without gradient.
+
+    Exact for n ≤ ``max_rows``; above, the median is taken over the pairs of ``max_rows`` evenly spaced
+    rows (deterministic), so no n×n matrix is ever formed. A zero median (all rows equal) gives γ = 1.
+    """
+    with torch.no_grad():
+        acc = accumulation_dtype(a.dtype)
+        a = a.detach().to(acc)
+        n = a.shape[0]
+        if n > max_rows:
+            idx = torch.linspace(0, n - 1, max_rows, device=a.device).round().long()
+            a = a[idx]
+            n = max_rows
+        sq = a.pow(2).sum(1)
+        dist2 = (sq[:, None] + sq[None, :] - 2.0 * (a @ a.T)).clamp_min(0.0)
+        iu = torch.triu_indices(n, n, offset=1, device=a.device)
+        med = dist2[iu[0], iu[1]].median()
+        return torch.where(med > 0, 0.5 / med, torch.ones_like(med))
+
+
+def hsic_from_stats(sums: torch.Tensor, rowsum_k: torch.Tensor, rowsum_l: torch.Tensor, n: int, normalized: bool):
+    """Biased HSIC from the fused backends' statistics (see :mod:`ibkd.backend.base`):
+    tr(KHLH) = Σ K∘L − (2/n)(K1)·(L1) + (1ᵀK1)(1ᵀL1)/n², divided by (n−1)²."""
+    sk, sl = rowsum_k.sum(), rowsum_l.sum()
+    scale = 1.0 / (n - 1) ** 2
+    hsic_kl = (sums[0] - 2.0 / n * (rowsum_k @ rowsum_l) + sk * sl / n**2) * scale
+    if not normalized:
+        return hsic_kl
+    hsic_kk = (sums[1] - 2.0 / n * (rowsum_k @ rowsum_k) + sk * sk / n**2) * scale
+    hsic_ll = (sums[2] - 2.0 / n * (rowsum_l @ rowsum_l) + sl * sl / n**2) * scale
+    return hsic_kl / torch.sqrt(hsic_kk * hsic_ll)
+
+
+def _resolve_gamma(name: str, gamma, data: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    if isinstance(gamma, str):
+        v.check_choice(name, gamma, ("median",))
+        return median_heuristic_gamma(data).to(acc)
+    v.check_positive_scalar(name, gamma)
+    if isinstance(gamma, torch.Tensor):
+        return gamma.detach().to(device=data.device, dtype=acc).reshape(())
+    return torch.tensor(float(gamma), dtype=acc, device=data.device)
+
+
+def hsic(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    *,
+    gamma: Union[float, str, torch.Tensor] = 1.0,
+    gamma_z: Optional[Union[float, str, torch.Tensor]] = None,
+    kernel: str = "rbf",
+    normalized: bool = False,
+    backend: str = "auto",
+    check_finite: bool = True,
+) -> torch.Tensor:
+    """Hilbert–Schmidt independence criterion between the rows of ``x`` and ``z`` (biased estimator).
+
+    ``HSIC = tr(K H L H)/(n−1)²`` with ``H = I − 11ᵀ/n``; RBF kernels ``K_ij = exp(−γ‖x_i−x_j‖²)``,
+    ``L_ij = exp(−γ_z‖z_i−z_j‖²)``, or linear kernels ``K = xxᵀ``, ``L = zzᵀ``. In IBKD, x is the
+    student's input representation and z its output; minimising HSIC(x, z) drops input information the
+    student does not need (arXiv:2311.05472, eq. 7; Gretton et al., ALT 2005).
+
+    Args:
+        x: (n, dx), n ≥ 2.
+        z: (n, dz), same n.
+        gamma: RBF bandwidth γ > 0 for x (float or 0-dim tensor, no gradient), or "median":
+            γ = 1/(2·median pairwise squared distance) of the batch.
+        gamma_z: bandwidth for z; defaults to ``gamma`` (with "median", computed on z itself).
+        kernel: "rbf" or "linear".
+        normalized: return HSIC(x,z)/sqrt(HSIC(x,x)·HSIC(z,z)) (in [0, 1]).
+        backend: "auto" or a name from :func:`ibkd.backends`.
+        check_finite: check inputs for NaN/Inf (skipped under torch.compile).
+
+    Returns:
+        A 0-dim tensor in the accumulation dtype (float32, or float64 for float64 inputs).
+
+    Example::
+
+        >>> x, z = torch.randn(64, 384), torch.randn(64, 128, requires_grad=True)
+        >>> ibkd.functional.hsic(x, z, gamma="median").backward()
+    """
+    v.check_matrix("x", x, min_rows=2)
+    v.check_matrix("z", z, min_rows=2)
+    v.check_same_device("x", x, "z", z)
+    if x.shape[0] != z.shape[0]:
+        raise ValueError(f"x and z must have the same number of rows n, got {x.shape[0]} and {z.shape[0]}")
+    v.check_choice("kernel", kernel, ("rbf", "linear"))
+    if check_finite:
+        v.check_finite("x", x)
+        v.check_finite("z", z)
+    dtype = _common_dtype(x, z)
+    x, z = x.to(dtype), z.to(dtype)
+    acc = accumulation_dtype(dtype)
+    n = x.shape[0]
+    if kernel == "rbf":
+        gx = _resolve_gamma("gamma", gamma, x, acc)
+        gz = _resolve_gamma("gamma_z", gamma if gamma_z is None else gamma_z, z, acc)
+    else:  # bandwidths are meaningless for the linear kernel; still reject nonsense values
+        for name, g in (("gamma", gamma), ("gamma_z", gamma_z)):
+            if g is not None and not isinstance(g, str):
+                v.check_positive_scalar(name, g)
+        gx = gz = torch.ones((), dtype=acc, device=x.device)
+
+    impl = resolve_backend(backend, x.device, dtype, "hsic", (n, x.shape[1], z.shape[1]))
+    if not impl.fused:
+        return impl.hsic(x, z, gx, gz, kernel, normalized)
+    gammas = torch.stack([gx, gz])
+    sums, rk, rl = ops.hsic_stats_op(x.contiguous(), z.contiguous(), gammas, kernel, impl.name)
+    return hsic_from_stats(sums, rk, rl, n, normalized)
