@@ -39,7 +39,8 @@ def _extensions():
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # *.cu kernels plus the host-side *.cpp glue of the CUDA backend (its pybind11 bindings)
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if not cpu_sources:
         return [], {}
     want_cuda = not _flag("IBKD_SKIP_CUDA") and bool(cuda_sources) and (
