@@ -207,8 +207,8 @@ def hsic(
         gz = _resolve_gamma("gamma_z", gamma if gamma_z is None else gamma_z, z, acc)
     else:  # bandwidths are meaningless for the linear kernel; still reject nonsense values
         for name, g in (("gamma", gamma), ("gamma_z", gamma_z)):
-            if g is not None and not isinstance(g, str):
-                v.check_positive_scalar(name, g)
+            if g is not None:
+                v.check_choice(name, g, ("median",)) if isinstance(g, str) else v.check_positive_scalar(name, g)
         gx = gz = torch.ones((), dtype=acc, device=x.device)
 
     impl = resolve_backend(backend, x.device, dtype, "hsic", (n, x.shape[1], z.shape[1]))
