@@ -1,0 +1,215 @@
+"""Shared pieces of the benchmark suite: the cases, how inputs are built, what one timed call runs,
+and a description of the machine. Used by the pytest benchmarks, the memory child process
+(`memory.py`) and the renderer.
+
+Environment switches:
+
+* ``IBKD_BENCH_QUICK=1``      small sizes (smoke run, minutes); results go to ``results/quick/``.
+* ``IBKD_BENCH_BACKENDS=a,b`` backends to compare (default CPU: ``reference,cpu``; GPU:
+  ``reference,reference-compile,triton,cuda``). ``dense`` registers :class:`ibkd.testing.DenseKernelBackend`.
+* ``IBKD_BENCH_NOTE=...``     free-text note stored in the results JSON (e.g. "shared machine").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import re
+import subprocess
+from typing import Optional
+
+import torch
+
+QUICK = os.environ.get("IBKD_BENCH_QUICK", "0").lower() in ("1", "true", "yes", "on")
+TEMPERATURE = 0.05
+
+# --- case grids (the issues' sizes; QUICK shrinks them) ----------------------------------------
+CPU_INFONCE_B = [128, 256] if QUICK else [1024, 4096, 16384]
+CPU_INFONCE_D = [32, 64] if QUICK else [384, 768]
+CPU_HSIC_N = [128, 256] if QUICK else [1024, 4096, 8192]
+CPU_HSIC_D = [32] if QUICK else [384, 768]
+
+GPU_INFONCE_B = [1024, 4096] if QUICK else [4096, 16384, 65536]
+GPU_INFONCE_D = [384] if QUICK else [384, 768, 1024]
+GPU_HSIC_N = [1024] if QUICK else [4096, 16384]
+GPU_HSIC_D = [384] if QUICK else [384, 768]
+GPU_DTYPES = ["bfloat16", "float32"]
+GPU_MAX_BATCH_LADDER = [16384 * 2**i for i in range(7)]  # 16384 … 1048576
+
+# The foundation issue's CPU targets (fp32, forward+backward): fused cpu vs reference.
+CPU_TARGETS = [
+    dict(op="infonce", size=16384, dim=384, dtype="float32", mode="fwd+bwd", max_time_ratio=1.0, max_mem_ratio=0.10),
+    dict(op="hsic", size=8192, dim=384, dtype="float32", mode="fwd+bwd", max_time_ratio=0.5, max_mem_ratio=0.10),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One benchmarked call. ``size`` is B (= N) for InfoNCE, n for HSIC; ``dim`` is D (both inputs)."""
+
+    op: str  # "infonce" | "hsic"
+    backend: str  # an ibkd backend name, or "reference-compile" (reference under torch.compile)
+    size: int
+    dim: int
+    dtype: str = "float32"
+    mode: str = "fwd+bwd"  # "fwd" | "fwd+bwd"
+    device: str = "cpu"
+
+    @property
+    def id(self) -> str:
+        return f"{self.op}-{self.backend}-{self.mode}-{self.dtype}-s{self.size}-d{self.dim}-{self.device}"
+
+    @property
+    def group(self) -> str:
+        """Cases that differ only by backend share a group (their times are compared)."""
+        return f"{self.op}-{self.mode}-{self.dtype}-s{self.size}-d{self.dim}-{self.device}"
+
+    @property
+    def ibkd_backend(self) -> str:
+        return "reference" if self.backend == "reference-compile" else self.backend
+
+    def flops(self) -> Optional[float]:
+        """GEMM FLOPs of InfoNCE with N = B: 2·B·N·D forward, 6·B·N·D forward+backward (dQ and dK)."""
+        if self.op != "infonce":
+            return None
+        return (2.0 if self.mode == "fwd" else 6.0) * self.size * self.size * self.dim
+
+
+def ensure_backend(name: str) -> Optional[str]:
+    """Make ``name`` usable if it is a test-only backend; return why it cannot run here, or None."""
+    import ibkd
+
+    name = "reference" if name == "reference-compile" else name
+    if name == "dense":
+        from ibkd.backend import registered_names
+        from ibkd.testing import DenseKernelBackend
+
+        if "dense" not in registered_names():
+            ibkd.register_backend(DenseKernelBackend())
+    for info in ibkd.backends():
+        if info.name == name:
+            return None if info.available else (info.reason or "unavailable")
+    return f"no backend named {name!r} is registered"
+
+
+def make_inputs(case: Case, seed: int = 0):
+    """Inputs built directly in their final dtype and device (no transient copies, so a memory
+    baseline taken after this is the true footprint of the inputs). Both inputs require grad."""
+    dtype = getattr(torch, case.dtype)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    a = torch.randn(case.size, case.dim, generator=gen, dtype=torch.float32).to(device=case.device, dtype=dtype)
+    b = torch.randn(case.size, case.dim, generator=gen, dtype=torch.float32).to(device=case.device, dtype=dtype)
+    if case.op == "infonce":  # make the positive pair correlated, as in distillation
+        b.mul_(0.5).add_(a)
+    needs_grad = case.mode == "fwd+bwd"
+    return a.requires_grad_(needs_grad), b.requires_grad_(needs_grad)
+
+
+def make_step(case: Case):
+    """A zero-argument callable running one forward (+ backward) of ``case`` on fixed inputs.
+    The backward uses ``torch.autograd.grad`` so no ``.grad`` accumulates between calls."""
+    import ibkd.functional as F
+
+    a, b = make_inputs(case)
+    backend = case.ibkd_backend
+    if case.op == "infonce":
+
+        def loss_fn(q, k):
+            return F.infonce(q, k, temperature=TEMPERATURE, backend=backend, check_finite=False)
+
+    else:
+        gamma = 0.5 / case.dim  # ‖a_i − a_j‖² ≈ 2D for standard normal rows: K_ij ≈ e^-1
+
+        def loss_fn(x, z):
+            return F.hsic(x, z, gamma=gamma, backend=backend, check_finite=False)
+
+    if case.backend == "reference-compile":
+        loss_fn = torch.compile(loss_fn, dynamic=False)
+
+    if case.mode == "fwd":
+
+        def step():
+            with torch.no_grad():
+                return loss_fn(a, b)
+
+    else:
+
+        def step():
+            loss = loss_fn(a, b)
+            return torch.autograd.grad(loss, (a, b))
+
+    return step, (a, b)
+
+
+# --- machine description -----------------------------------------------------------------------
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    try:
+        with open("/proc/meminfo") as f:
+            info["mem_total_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        info["cuda"] = torch.version.cuda
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            )
+            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+        except Exception:
+            info["driver"] = None
+    return info
+
+
+def machine_id(device: str) -> str:
+    """A file-name-safe id of the machine kind (no hostname): cpu model + cores, or the GPU name."""
+    if device == "cuda" and torch.cuda.is_available():
+        base = "gpu-" + torch.cuda.get_device_name(0)
+    else:
+        base = f"cpu-{_cpu_model()}-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
+
+
+def load_snapshot() -> dict:
+    """What else is running: load averages and the busiest other processes (the machine is shared)."""
+    snap = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        out = subprocess.run(
+            ["ps", "-eo", "pcpu,rss,comm", "--sort=-pcpu", "--no-headers"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.splitlines()
+        snap["top_processes"] = [" ".join(line.split()) for line in out[:5]]
+    except Exception:
+        pass
+    return snap

@@ -1,0 +1,40 @@
+"""HSIC benchmarks: time (pytest-benchmark), peak extra memory, ratios to the reference.
+
+The reference is the honest fast PyTorch form (K and L materialised, no n×n products):
+Σ K∘L − 2/n·(K1)·(L1) + (1ᵀK1)(1ᵀL1)/n². RBF kernels with γ = 0.5/D for both inputs; both inputs
+require grad.
+
+CPU: reference vs cpu, forward+backward, fp32, n ∈ {1024, 4096, 8192}, D ∈ {384, 768}.
+GPU (skipped without CUDA): n ∈ {4096, 16384}, D ∈ {384, 768}, bf16 and fp32, fwd and fwd+bwd.
+"""
+
+import pytest
+
+import bench_common as bc
+from conftest import backends_for, record, skip_unless_runnable, time_cpu
+from memory import cpu_extra_memory
+from test_bench_infonce import _run_gpu_case
+
+
+@pytest.mark.parametrize("dim", bc.CPU_HSIC_D)
+@pytest.mark.parametrize("size", bc.CPU_HSIC_N)
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_hsic_cpu(benchmark, backend, size, dim):
+    case = bc.Case("hsic", backend, size, dim, "float32", "fwd+bwd", "cpu")
+    skip_unless_runnable(case)
+    benchmark.group = case.group
+    step, _ = bc.make_step(case)
+    timing = time_cpu(benchmark, step)
+    del step, _
+    memory = cpu_extra_memory(case)
+    record(case, timing, memory)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("dtype", bc.GPU_DTYPES)
+@pytest.mark.parametrize("dim", bc.GPU_HSIC_D)
+@pytest.mark.parametrize("size", bc.GPU_HSIC_N)
+@pytest.mark.parametrize("backend", backends_for("cuda"))
+def test_hsic_gpu(benchmark, backend, size, dim, dtype, mode):
+    _run_gpu_case(benchmark, bc.Case("hsic", backend, size, dim, dtype, mode, "cuda"), None)
