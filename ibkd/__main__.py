@@ -1,0 +1,8 @@
+"""``python -m ibkd ...`` (and ``torchrun -m ibkd ...``): the command line of :mod:`ibkd.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Command line: ``ibkd distill | finetune | eval | cache-teacher``.
+
+Settings come from a YAML config (``--config``; keys are the fields of :class:`ibkd.train.TrainConfig`),
+then flags override them (``--set key=value`` for any field). Bad input — a missing file, an unknown
+key, a bad value — is reported as one line on stderr with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+# flag → config field (value type); None type = boolean switch
+FLAGS = {
+    "device": str, "amp": str, "backend": str, "seed": int, "output": str, "teacher": str, "student": str,
+    "student_layers": str, "corpus": str, "corpus_column": str, "corpus_limit": int, "train_file": str,
+    "method": str, "batch_size": int, "lr": float, "epochs": float, "max_steps": int, "eval_steps": int,
+    "grad_accum": int, "grad_cache_chunk": int, "max_length": int, "data_dir": str, "dev": str, "test": str,
+    "cache_dir": str, "teacher_embeddings": str, "pca_dim": int, "num_threads": int, "save_steps": int,
+    "temperature": float, "beta": float, "projection_dim": int, "nan_policy": str, "pooling": str,
+}
+
+
+class UsageError(Exception):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ibkd", description="Information-Bottleneck Knowledge Distillation of text encoders.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("distill", "stage 1: distill a teacher into a student on unlabeled sentences"),
+                            ("finetune", "stage 2: supervised contrastive fine-tuning with an HSIC bottleneck"),
+                            ("cache-teacher", "compute (or verify) the teacher-embedding cache of a corpus")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--config", help="YAML file of TrainConfig fields")
+        for flag, typ in FLAGS.items():
+            p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None)
+        p.add_argument("--resume", action="store_true", default=None, help="continue from <output>/checkpoint-last.pt")
+        p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field (YAML value)")
+    p = sub.add_parser("eval", help="STS-B dev/test Spearman of a saved encoder")
+    p.add_argument("model", help="model folder or hub id ('default' = the offline teacher)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--dev", default=None)
+    p.add_argument("--test", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-length", type=int, default=None)
+    return parser
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    if not Path(path).is_file():
+        raise UsageError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path}: a config must be a mapping of keys to values")
+    return values
+
+
+def build_config(args: argparse.Namespace):
+    import yaml
+
+    from .train import TrainConfig
+
+    values = _load_yaml(args.config) if args.config else {}
+    values.setdefault("stage", "distill" if args.command in ("distill", "cache-teacher") else "finetune")
+    if args.command in ("distill", "finetune") and values["stage"] != args.command:
+        raise UsageError(f"the config is for stage {values['stage']!r} but the command is {args.command!r}")
+    for key in list(FLAGS) + ["resume", "progress"]:
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set needs KEY=VALUE, got {item!r}")
+        values[key.strip()] = yaml.safe_load(raw)
+    return TrainConfig.from_dict(values)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:  # pragma: no cover - transformers missing is reported later
+        pass
+
+
+def _cmd_train(args) -> int:
+    from .train import run
+
+    cfg = build_config(args)
+    summary = run(cfg)
+    if "dev_spearman" in summary or "test_spearman" in summary or summary.get("student"):
+        rank = int(os.environ.get("RANK", "0"))
+        if rank == 0:
+            print(json.dumps(summary))
+            for split in ("dev", "test"):
+                if f"{split}_spearman" in summary:
+                    print(f"STS-B {split} Spearman x100: {summary[f'{split}_spearman']:.2f}")
+            print(f"student saved to {summary.get('student')}")
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from .data import read_sentences, stsb_sentences
+    from .models import Encoder
+    from .teacher_cache import build_teacher_cache
+
+    cfg = build_config(args)
+    teacher = Encoder.load(cfg.resolve_path(cfg.teacher) if cfg.teacher != "default" else "default", max_length=cfg.max_length)
+    sentences, stats = read_sentences(cfg.resolve_path(cfg.corpus), column=cfg.corpus_column, limit=cfg.corpus_limit)
+    if cfg.extra_stsb_sentences:
+        sentences = list(dict.fromkeys(sentences + stsb_sentences(cfg.resolve_path(cfg.extra_stsb_sentences))))
+    cache_dir = cfg.resolve_path(cfg.cache_dir) or str(Path(cfg.output) / "teacher_cache")
+    matrix = build_teacher_cache(teacher, sentences, cache_dir, batch_size=cfg.teacher_batch_size,
+                                 progress=cfg.progress, pca_dim=cfg.pca_dim)
+    print(f"{stats}; teacher embeddings {matrix.shape[0]} x {matrix.shape[1]} in {cache_dir}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .models import Encoder
+    from .train import DEFAULT_DATA_DIR, sts_spearman
+
+    data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR
+    paths = {"dev": args.dev or str(data_dir / "sts/stsbenchmark/sts-dev.csv"),
+             "test": args.test or str(data_dir / "sts/stsbenchmark/sts-test.csv")}
+    for split, path in paths.items():
+        if not Path(path).is_file():
+            raise UsageError(f"STS-B {split} file not found: {path}")
+    encoder = Encoder.load(args.model, max_length=args.max_length).to(args.device)
+    params = sum(p.numel() for p in encoder.parameters())
+    print(f"model {args.model}: {params / 1e6:.1f}M parameters, dim {encoder.dim}")
+    for split, path in paths.items():
+        print(f"STS-B {split} Spearman x100: {sts_spearman(encoder, path, batch_size=args.batch_size, device=args.device):.2f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    from .data import DataError
+    from .train import ConfigError, NonFiniteLossError
+
+    try:
+        if args.command == "eval":
+            return _cmd_eval(args)
+        if args.command == "cache-teacher":
+            return _cmd_cache(args)
+        return _cmd_train(args)
+    except (UsageError, ConfigError, DataError, FileNotFoundError, TypeError) as exc:
+        if isinstance(exc, TypeError) and "TrainConfig" not in str(exc):
+            raise
+        print(f"ibkd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteLossError as exc:
+        print(f"ibkd: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a model folder/hub id that cannot be loaded offline
+        print(f"ibkd: error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

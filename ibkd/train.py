@@ -1,0 +1,847 @@
+"""The IBKD trainer: stage 1 ``distill``, stage 2 ``finetune`` and the baselines, in one loop.
+
+Stage 1 (unlabeled sentences + teacher vectors t):  ``InfoNCE(P(s), t) + β·HSIC(x, s)`` with x the pooled
+embedding-layer output of the student (layer 0). Stage 2 (anchor, positive[, hard negative]):
+``InfoNCE(P(a), P([p; n])) + β·HSIC(x_a, a)`` with x the pooled penultimate layer. Baselines by
+``method``: ``ibkd``, ``contrastive`` (β = 0), ``mse`` (stage 1: ‖P(s) − t‖²) and ``none`` (evaluate the
+initial student).
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` rows each (a micro-batch is one
+contrastive batch). With ``grad_cache_chunk`` the micro-batch is embedded in chunks without grad, the
+loss is backpropagated to the embeddings, and each chunk is re-embedded with grad (GradCache; the RNG
+state of each chunk is replayed so dropout masks match). Under ``torchrun`` every rank embeds its slice
+of the micro-batch; embeddings are all-gathered with gradient and every rank computes the loss over the
+whole batch; encoder gradients are summed across ranks (each rank holds only its own rows' share), so
+gradients equal the single-process run on the full batch.
+
+Checkpoints (``<output>/checkpoint-last.pt``) are written atomically and hold everything ``resume``
+needs: model, projection, optimizer, scheduler, scaler, RNG states and the data position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses as ibkd_losses
+from .data import DataError, LabeledData, read_labeled, read_sentences, read_stsb, stsb_sentences
+from .models import Encoder, autocast_context, build_student
+
+log = logging.getLogger("ibkd.train")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA_DIR = (REPO_ROOT / ".." / "shared" / "data").resolve()
+METHODS = ("ibkd", "contrastive", "mse", "none")
+STAGES = ("distill", "finetune")
+CHECKPOINT_NAME = "checkpoint-last.pt"
+
+
+class ConfigError(ValueError):
+    """A bad configuration (reported by the CLI as one line)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; names the step and the component."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; YAML keys and CLI flags map onto these fields one to one.
+
+    Loss hyper-parameters left as None take the paper defaults of the stage
+    (:data:`ibkd.losses.STAGE1_DEFAULTS`, :data:`ibkd.losses.STAGE2_DEFAULTS`).
+    Paths may use ``{data_dir}`` (default: ``../shared/data`` next to the repository).
+    """
+
+    stage: str = "distill"
+    method: str = "ibkd"
+    # models
+    teacher: Optional[str] = "default"
+    student: Optional[str] = None
+    student_layers: Any = None
+    fresh_student: Optional[dict] = None
+    pooling: Optional[str] = None
+    normalize: Optional[bool] = None
+    max_length: int = 128
+    # data
+    data_dir: str = str(DEFAULT_DATA_DIR)
+    corpus: Optional[str] = "{data_dir}/wiki/wiki_sentences.txt"
+    corpus_column: Optional[str] = None
+    corpus_limit: Optional[int] = None
+    extra_stsb_sentences: Optional[str] = None
+    train_file: Optional[str] = None
+    min_score: Optional[float] = None
+    teacher_embeddings: Optional[str] = None
+    cache_dir: Optional[str] = None
+    pca_dim: Optional[int] = None
+    teacher_batch_size: int = 128
+    # loss
+    temperature: Optional[float] = None
+    beta: Optional[float] = None
+    gamma: Any = None
+    projection_dim: Optional[int] = None
+    hsic_layer: Any = None
+    hsic_normalize: bool = True
+    # optimisation
+    batch_size: int = 256
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    epochs: float = 1.0
+    max_steps: Optional[int] = None
+    grad_accum: int = 1
+    grad_cache_chunk: Optional[int] = None
+    max_grad_norm: Optional[float] = None
+    amp: str = "off"
+    # runtime
+    device: str = "auto"
+    backend: str = "auto"
+    seed: int = 42
+    num_threads: Optional[int] = None
+    output: str = "runs/ibkd"
+    resume: bool = False
+    save_steps: int = 100
+    eval_steps: Optional[int] = None
+    dev: Optional[str] = "{data_dir}/sts/stsbenchmark/sts-dev.csv"
+    test: Optional[str] = "{data_dir}/sts/stsbenchmark/sts-test.csv"
+    eval_batch_size: int = 128
+    log_every: int = 1
+    nan_policy: str = "stop"
+    max_nan_skips: int = 10
+    progress: bool = True
+    plot: bool = True
+    step_delay_s: float = 0.0  # sleep after each step: lets tests interrupt a run at a known point
+
+    # -- construction/validation ---------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
+        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(not (self.stage == "finetune" and self.method == "mse"), "method 'mse' needs teacher vectors (stage distill)")
+        need(self.amp in ("bf16", "fp16", "off"), f"amp must be bf16, fp16 or off, got {self.amp!r}")
+        need(self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {self.nan_policy!r}")
+        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "log_every", "teacher_batch_size"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive int")
+        need(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives)")
+        need(self.lr > 0, "lr must be positive")
+        if self.grad_cache_chunk is not None:
+            need(isinstance(self.grad_cache_chunk, int) and self.grad_cache_chunk > 0, "grad_cache_chunk must be a positive int")
+
+    def resolve_path(self, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        return str(Path(os.path.expanduser(str(value).replace("{data_dir}", str(self.data_dir)))))
+
+    def stage_defaults(self) -> dict:
+        base = ibkd_losses.STAGE1_DEFAULTS if self.stage == "distill" else ibkd_losses.STAGE2_DEFAULTS
+        out = dict(temperature=base["temperature"], beta=base["beta"], gamma=base["gamma"],
+                   projection_dim=base.get("projection_dim"),
+                   hsic_layer=0 if self.stage == "distill" else "penultimate")
+        for key in out:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        if self.method == "contrastive":
+            out["beta"] = 0.0
+        return out
+
+
+# -- distributed helpers ---------------------------------------------------------------------------
+
+def dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward hands each rank the gradient of its own rows (every rank computes the
+    same loss over the gathered batch, so that gradient is already complete; no sum, no scaling)."""
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor):
+        rank, world = dist_info()
+        ctx.rank, ctx.rows = rank, local.shape[0]
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad[ctx.rank]
+
+
+def gather_rows(local: torch.Tensor) -> torch.Tensor:
+    """(world, rows, D) of every rank's ``local``; differentiable for this rank's rows."""
+    if dist_info()[1] == 1:
+        return local.unsqueeze(0)
+    return _GatherWithGrad.apply(local)
+
+
+# -- objectives ------------------------------------------------------------------------------------
+
+class DistillObjective(nn.Module):
+    """Stage 1: terms of IBKD (``infonce``, ``hsic``) or the ``mse`` baseline, on the whole batch.
+
+    Holds an :class:`ibkd.losses.IBKDLoss` (its projection P is the trained head)."""
+
+    def __init__(self, method: str, student_dim: int, teacher_dim: int, *, temperature: float, beta: float,
+                 gamma, projection_dim: Optional[int], hsic_normalize: bool, backend: str):
+        super().__init__()
+        self.method, self.beta, self.hsic_normalize = method, float(beta), hsic_normalize
+        if method == "mse" and projection_dim not in (None, teacher_dim):
+            raise ConfigError("the mse baseline regresses teacher vectors: projection_dim must be the teacher dim")
+        self.ibkd = ibkd_losses.IBKDLoss(student_dim, teacher_dim, temperature=temperature, beta=beta, gamma=gamma,
+                                         projection=True, projection_dim=projection_dim, backend=backend)
+
+    def weights(self) -> dict:
+        return {"mse": 1.0} if self.method == "mse" else {"infonce": 1.0, "hsic": self.beta}
+
+    def terms(self, student: torch.Tensor, inputs: Optional[torch.Tensor], teacher: torch.Tensor) -> dict:
+        projected = self.ibkd.projection(student)
+        if self.method == "mse":
+            return {"mse": F.mse_loss(projected, teacher)}
+        out = {"infonce": self.ibkd.infonce(projected, self.ibkd.teacher_projection(teacher))}
+        if self.beta > 0:
+            x, s = (F.normalize(inputs, dim=-1), F.normalize(student, dim=-1)) if self.hsic_normalize else (inputs, student)
+            out["hsic"] = self.ibkd.hsic(x, s)
+        return out
+
+
+class FinetuneObjective(nn.Module):
+    """Stage 2: supervised InfoNCE of anchors against positives (+ hard negatives when given) and every
+    other row in the batch, through an optional shared projection, + β·HSIC(x_anchor, anchor)."""
+
+    def __init__(self, method: str, dim: int, *, temperature: float, beta: float, gamma,
+                 projection_dim: Optional[int], hsic_normalize: bool, backend: str):
+        super().__init__()
+        self.method, self.beta, self.hsic_normalize = method, float(beta), hsic_normalize
+        self.projection = nn.Linear(dim, projection_dim) if projection_dim else nn.Identity()
+        self.infonce = ibkd_losses.InfoNCELoss(temperature, backend=backend)
+        self.hsic = ibkd_losses.HSICLoss(gamma, backend=backend)
+
+    def weights(self) -> dict:
+        return {"infonce": 1.0, "hsic": self.beta}
+
+    def terms(self, student: torch.Tensor, inputs: Optional[torch.Tensor], teacher=None, *, groups: int = 2) -> dict:
+        b = student.shape[0] // groups
+        anchors, keys = student[:b], student[b:]
+        out = {"infonce": self.infonce(self.projection(anchors), self.projection(keys))}
+        if self.beta > 0:
+            x, s = inputs[:b], anchors
+            if self.hsic_normalize:
+                x, s = F.normalize(x, dim=-1), F.normalize(s, dim=-1)
+            out["hsic"] = self.hsic(x, s)
+        return out
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+class BatchSource:
+    """Deterministic batches: epoch e visits a permutation drawn from (seed, e); position = micro-batch
+    index within the epoch. Yields text groups (stage 1: [sentences]; stage 2: [anchors, positives
+    (, hard negatives)]) and the teacher rows (stage 1)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        if n < batch_size:
+            raise DataError(f"the training set has {n} examples, fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.batches_per_epoch = n // batch_size  # the last incomplete batch is dropped
+
+    def indices(self, epoch: int, index: int) -> np.ndarray:
+        gen = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        perm = torch.randperm(self.n, generator=gen)
+        return perm[index * self.batch_size:(index + 1) * self.batch_size].numpy()
+
+
+class DistillData:
+    groups = 1
+
+    def __init__(self, sentences: list, teacher: np.ndarray):
+        self.sentences, self.teacher = sentences, teacher
+
+    def __len__(self):
+        return len(self.sentences)
+
+    def batch(self, idx: np.ndarray):
+        texts = [[self.sentences[i] for i in idx]]
+        return texts, torch.from_numpy(np.asarray(self.teacher[idx], dtype=np.float32))
+
+
+class FinetuneData:
+    def __init__(self, data: LabeledData):
+        self.data = data
+        self.groups = 3 if data.hard_negatives is not None else 2
+
+    def __len__(self):
+        return len(self.data)
+
+    def batch(self, idx: np.ndarray):
+        d = self.data
+        texts = [[d.anchors[i] for i in idx], [d.positives[i] for i in idx]]
+        if d.hard_negatives is not None:
+            texts.append([d.hard_negatives[i] for i in idx])
+        return texts, None
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+
+def sts_spearman(encoder: Encoder, path: str, batch_size: int = 128, device=None) -> float:
+    """Spearman ×100 of cosine similarity on an STS-B file (uses :mod:`ibkd.evaluation` when present)."""
+    try:
+        from . import evaluation  # the Evaluation part of the package (another module's API)
+
+        result = evaluation.evaluate_sts(
+            lambda sents: encoder.encode(list(sents), batch_size=batch_size, device=device), path)
+        for key in ("spearman", "spearman_x100", "score"):
+            if isinstance(result, dict) and key in result:
+                return float(result[key])
+    except ImportError:
+        pass
+    from scipy.stats import spearmanr
+
+    s1, s2, gold = read_stsb(path)
+    a = encoder.encode(s1, batch_size=batch_size, device=device)
+    b = encoder.encode(s2, batch_size=batch_size, device=device)
+    cos = F.cosine_similarity(a, b).numpy()
+    return float(spearmanr(cos, gold).correlation * 100)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write to a temporary file, fsync it, rename over ``path``, fsync the folder."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def export_student(student: Encoder, objective: nn.Module, folder: Path) -> None:
+    """Save the student (AutoModel + sentence-transformers folder) with the projection head beside it
+    (``ibkd_projection.pt``, not used at inference); replaces ``folder`` only once fully written."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save(tmp)
+    torch.save(objective.state_dict(), tmp / "ibkd_projection.pt")
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(folder.parent)
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    terms: dict = field(default_factory=dict)
+    loss: float = 0.0
+    grad_norms: dict = field(default_factory=dict)
+    skipped: bool = False
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, student: Encoder, objective: nn.Module, data, *, device=None):
+        self.cfg, self.student, self.objective, self.data = cfg, student, objective, data
+        self.rank, self.world = dist_info()
+        self.device = torch.device(device or "cpu")
+        self.student.to(self.device)
+        self.objective.to(self.device)
+        self.groups = data.groups if data is not None else 1
+        defaults = cfg.stage_defaults()
+        self.hsic_layer = defaults["hsic_layer"]
+        self.needs_inputs = getattr(objective, "beta", 0) > 0
+        self.output = Path(cfg.output)
+        self.params = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.step = 0
+        self.epoch, self.position = 0, 0
+        self.best_metric, self.best_step = None, None
+        self.nan_skips = 0
+        if data is not None and cfg.method != "none":
+            if cfg.batch_size % self.world:
+                raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
+            self.batches = BatchSource(len(data), cfg.batch_size, cfg.seed)
+            steps_per_epoch = self.batches.batches_per_epoch // cfg.grad_accum
+            if steps_per_epoch < 1:
+                raise DataError(f"one optimizer step needs {cfg.grad_accum} batches of {cfg.batch_size}; "
+                                f"the training set has {len(data)} examples")
+            self.total_steps = int(cfg.max_steps or max(1, math.floor(cfg.epochs * steps_per_epoch)))
+        else:
+            self.total_steps = 0
+        warmup = int(cfg.warmup_ratio * self.total_steps)
+
+        def schedule(step):
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            return max(0.0, (self.total_steps - step) / max(1, self.total_steps - warmup))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+
+    # -- embedding ---------------------------------------------------------------------------
+    def _local_texts(self, groups: list) -> list:
+        """This rank's slice of each group, concatenated (rank r gets rows [r·b, (r+1)·b) of each)."""
+        b = len(groups[0]) // self.world
+        return [t for g in groups for t in g[self.rank * b:(self.rank + 1) * b]]
+
+    def _embed(self, texts: list):
+        batch = self.student.tokenize(texts, device=self.device)
+        with autocast_context(self.device, self.cfg.amp):
+            out = self.student(batch, hidden_layers=[self.hsic_layer] if self.needs_inputs else [])
+        s = out["embedding"].float()
+        x = out["layers"][self.hsic_layer].float() if self.needs_inputs else None
+        return s, x
+
+    def _to_global(self, local: torch.Tensor) -> torch.Tensor:
+        """Gather every rank's rows and reorder them to the global group layout."""
+        if self.world == 1:
+            return local
+        parts = gather_rows(local)  # (world, groups·b, D)
+        w, gb, d = parts.shape
+        b = gb // self.groups
+        return parts.view(w, self.groups, b, d).transpose(0, 1).reshape(self.groups * w * b, d)
+
+    # -- one micro-batch: loss, backward ------------------------------------------------------
+    def forward_backward(self, groups: list, teacher: Optional[torch.Tensor], *, loss_scale: float = 1.0,
+                         want_grad_norms: bool = True) -> StepResult:
+        """Loss over the (global) micro-batch and its gradients accumulated into ``.grad`` (encoder
+        gradients hold this rank's share only; :meth:`sync_grads` sums them across ranks)."""
+        local_texts = self._local_texts(groups)
+        chunk = self.cfg.grad_cache_chunk
+        cached = chunk is not None and chunk < len(local_texts)
+        if cached:  # GradCache pass 1: embeddings without grad, remembering each chunk's RNG state
+            rng_states, s_parts, x_parts = [], [], []
+            with torch.no_grad():
+                for start in range(0, len(local_texts), chunk):
+                    rng_states.append(self._capture_rng())
+                    s_c, x_c = self._embed(local_texts[start:start + chunk])
+                    s_parts.append(s_c)
+                    x_parts.append(x_c)
+            s_local = torch.cat(s_parts).requires_grad_(True)
+            x_local = torch.cat(x_parts).requires_grad_(True) if self.needs_inputs else None
+        else:
+            s_local, x_local = self._embed(local_texts)
+        for name, tensor in (("student embeddings", s_local), ("student input representation", x_local)):
+            if tensor is not None and not torch.isfinite(tensor).all():
+                return self._non_finite(name)
+        s = self._to_global(s_local)
+        x = self._to_global(x_local) if x_local is not None else None
+        t = teacher.to(self.device) if teacher is not None else None
+        if isinstance(self.objective, FinetuneObjective):
+            terms = self.objective.terms(s, x, groups=self.groups)
+        else:
+            terms = self.objective.terms(s, x, t)
+        for name, value in terms.items():
+            if not torch.isfinite(value):
+                return self._non_finite(f"{name} loss")
+        weights = self.objective.weights()
+        weighted = {k: weights[k] * v for k, v in terms.items() if weights.get(k, 0) != 0}
+        total = sum(weighted.values())
+        result = StepResult(terms={k: float(v.detach()) for k, v in terms.items()}, loss=float(total.detach()))
+        if want_grad_norms:  # each term's gradient at the student output (whole batch), for diagnostics
+            for k, v in weighted.items():
+                (g,) = torch.autograd.grad(v, s, retain_graph=True, allow_unused=True)
+                result.grad_norms[k] = float(g.norm()) if g is not None else 0.0
+        self.scaler.scale(total * loss_scale).backward()
+        if cached:  # GradCache pass 2: re-embed each chunk with grad, backprop the cached embedding grads
+            for i, start in enumerate(range(0, len(local_texts), chunk)):
+                stop = start + chunk
+                self._restore_rng(rng_states[i])
+                s_c, x_c = self._embed(local_texts[start:stop])
+                outs, grads = [s_c], [s_local.grad[start:stop]]
+                if x_c is not None:
+                    outs.append(x_c)
+                    grads.append(x_local.grad[start:stop])
+                torch.autograd.backward(outs, grads)
+        return result
+
+    def _capture_rng(self):
+        return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+
+    def _restore_rng(self, state):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def _non_finite(self, component: str) -> StepResult:
+        if self.cfg.nan_policy == "skip":
+            self.nan_skips += 1
+            log.warning("non-finite %s at step %d: skipped (%d so far)", component, self.step + 1, self.nan_skips)
+            if self.nan_skips > self.cfg.max_nan_skips:
+                raise NonFiniteLossError(f"non-finite {component} at step {self.step + 1}: more than "
+                                         f"{self.cfg.max_nan_skips} skipped steps; last good checkpoint kept")
+            return StepResult(skipped=True)
+        raise NonFiniteLossError(f"non-finite {component} at step {self.step + 1}; stopped, the last good "
+                                 f"checkpoint in {self.output} is intact")
+
+    def sync_grads(self) -> None:
+        """Sum encoder gradients over ranks (each holds its rows' share); average the heads' gradients
+        (computed identically on every rank from the gathered batch)."""
+        if self.world == 1:
+            return
+        for module, op in ((self.student, dist.ReduceOp.SUM), (self.objective, dist.ReduceOp.AVG if dist.get_backend() == "nccl" else None)):
+            grads = [p.grad for p in module.parameters() if p.grad is not None]
+            if not grads:
+                continue
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            if op is None:  # gloo has no AVG
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                flat /= self.world
+            else:
+                dist.all_reduce(flat, op=op)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+    # -- optimizer step -------------------------------------------------------------------------
+    def train_step(self) -> StepResult:
+        """One optimizer step over ``grad_accum`` micro-batches from the current data position."""
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        agg = StepResult()
+        for _ in range(cfg.grad_accum):
+            if self.position >= self.batches.batches_per_epoch:
+                self.epoch, self.position = self.epoch + 1, 0
+            groups, teacher = self.data.batch(self.batches.indices(self.epoch, self.position))
+            self.position += 1
+            res = self.forward_backward(groups, teacher, loss_scale=1.0 / cfg.grad_accum)
+            if res.skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+                return res
+            for k, v in res.terms.items():
+                agg.terms[k] = agg.terms.get(k, 0.0) + v / cfg.grad_accum
+            for k, v in res.grad_norms.items():
+                agg.grad_norms[k] = agg.grad_norms.get(k, 0.0) + v / cfg.grad_accum
+            agg.loss += res.loss / cfg.grad_accum
+        self.sync_grads()
+        self.scaler.unscale_(self.optimizer)
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return agg
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "student": self.student.model.state_dict(), "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(), "rng": _rng_state(), "step": self.step, "epoch": self.epoch,
+            "position": self.position, "best_metric": self.best_metric, "best_step": self.best_step,
+            "nan_skips": self.nan_skips, "total_steps": self.total_steps, "config": dataclasses.asdict(self.cfg),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.student.model.load_state_dict(state["student"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step, self.epoch, self.position = state["step"], state["epoch"], state["position"]
+        self.best_metric, self.best_step, self.nan_skips = state["best_metric"], state["best_step"], state["nan_skips"]
+
+    def save_checkpoint(self) -> None:
+        if self.rank == 0:
+            atomic_torch_save(self.state_dict(), self.output / CHECKPOINT_NAME)
+        self._barrier()
+
+    def _barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    # -- the loop ------------------------------------------------------------------------------
+    def evaluate(self, path: Optional[str]) -> Optional[float]:
+        if not path:
+            return None
+        return sts_spearman(self.student, path, batch_size=self.cfg.eval_batch_size, device=self.device)
+
+    def fit(self) -> dict:
+        cfg = self.cfg
+        self.output.mkdir(parents=True, exist_ok=True)
+        log_path = self.output / "train_log.jsonl"
+        ckpt = self.output / CHECKPOINT_NAME
+        if cfg.resume and ckpt.exists():
+            self.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=False))
+            log.info("resumed from %s at step %d", ckpt, self.step)
+            if self.rank == 0 and log_path.exists():  # drop log lines past the checkpoint
+                kept = [l for l in log_path.read_text().splitlines() if json.loads(l).get("step", 0) <= self.step]
+                log_path.write_text("".join(l + "\n" for l in kept))
+        elif self.rank == 0 and log_path.exists():
+            log_path.unlink()
+        dev_path, sentences_per_step = cfg.resolve_path(cfg.dev), cfg.batch_size * cfg.grad_accum * self.groups
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.stage}/{cfg.method}", unit="step",
+                       dynamic_ncols=True)
+        self.student.train()
+        self.objective.train()
+        log_file = open(log_path, "a") if self.rank == 0 else None
+        try:
+            while self.step < self.total_steps:
+                started = time.perf_counter()
+                res = self.train_step()
+                elapsed = time.perf_counter() - started
+                if res.skipped:
+                    continue
+                record = {"step": self.step, "epoch": self.epoch, "loss": res.loss, **res.terms,
+                          **{f"grad_norm_{k}": v for k, v in res.grad_norms.items()},
+                          "lr": self.scheduler.get_last_lr()[0], "sentences_per_s": sentences_per_step / elapsed,
+                          "nan_skips": self.nan_skips}
+                evaluated = cfg.eval_steps and dev_path and (self.step % cfg.eval_steps == 0 or self.step == self.total_steps)
+                if evaluated:
+                    metric = self.evaluate(dev_path) if self.rank == 0 else None
+                    if self.rank == 0:
+                        record["dev_spearman"] = metric
+                        if self.best_metric is None or metric > self.best_metric:
+                            self.best_metric, self.best_step = metric, self.step
+                            export_student(self.student, self.objective, self.output / "best")
+                    self._barrier()
+                    self.student.train()
+                if log_file is not None and (self.step % cfg.log_every == 0 or evaluated):
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if self.step % cfg.save_steps == 0 or self.step == self.total_steps:
+                    self.save_checkpoint()
+                if bar is not None:
+                    post = {k: f"{v:.4g}" for k, v in res.terms.items()}
+                    post.update(lr=f"{record['lr']:.2e}", sent_s=f"{record['sentences_per_s']:.0f}")
+                    if "dev_spearman" in record:
+                        post["dev"] = f"{record['dev_spearman']:.2f}"
+                    bar.set_postfix(post)
+                    bar.update(1)
+                if cfg.step_delay_s:
+                    time.sleep(cfg.step_delay_s)
+        finally:
+            if bar is not None:
+                bar.close()
+            if log_file is not None:
+                log_file.close()
+        summary = {"steps": self.step, "best_dev_spearman": self.best_metric, "best_step": self.best_step,
+                   "nan_skips": self.nan_skips}
+        if self.rank == 0:
+            export_student(self.student, self.objective, self.output / "final")
+            if cfg.plot and log_path.exists():
+                plot_log(log_path, self.output / "loss_curves.png")
+        self._barrier()
+        return summary
+
+
+def plot_log(log_path: Path, png_path: Path) -> None:
+    """Loss terms, their gradient norms at the student output and the lr against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in Path(log_path).read_text().splitlines() if l.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for key in ("loss", "infonce", "hsic", "mse"):
+        if key in rows[0]:
+            axes[0].plot(steps, [r[key] for r in rows], label=key)
+    axes[0].set_title("loss terms")
+    axes[0].set_yscale("log") if all(r["loss"] > 0 for r in rows) else None
+    for key in [k for k in rows[0] if k.startswith("grad_norm_")]:
+        axes[1].plot(steps, [r[key] for r in rows], label=key[len("grad_norm_"):])
+    axes[1].set_title("gradient norm at the student output")
+    axes[2].plot(steps, [r["lr"] for r in rows])
+    axes[2].set_title("learning rate")
+    dev = [(r["step"], r["dev_spearman"]) for r in rows if r.get("dev_spearman") is not None]
+    if dev:
+        ax = axes[2].twinx()
+        ax.plot(*zip(*dev), "o-", color="tab:red", label="dev Spearman")
+        ax.legend(loc="lower right")
+    for ax in axes[:2]:
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=80)
+    plt.close(fig)
+
+
+# -- building a run from a config ---------------------------------------------------------------------
+
+def setup_distributed(cfg: TrainConfig) -> torch.device:
+    """Init the process group under torchrun (WORLD_SIZE > 1) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available() or str(cfg.device).startswith("cuda")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    if want_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if world > 1:
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device(cfg.device if cfg.device != "auto" else "cuda")
+    return torch.device("cpu")
+
+
+def build_run(cfg: TrainConfig, device=None) -> Trainer:
+    """Load models and data for ``cfg`` and return a ready :class:`Trainer`."""
+    from .teacher_cache import build_teacher_cache, load_teacher_matrix
+
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = device or setup_distributed(cfg)
+    rank, world = dist_info()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    defaults = cfg.stage_defaults()
+    needs_teacher = cfg.stage == "distill" and cfg.method != "none" and not cfg.teacher_embeddings
+    teacher = None
+    if needs_teacher or cfg.student_layers or cfg.fresh_student:
+        if cfg.teacher is None:
+            raise ConfigError("a teacher is needed (teacher: default, a folder or a hub id)")
+        teacher = Encoder.load(cfg.resolve_path(cfg.teacher) if cfg.teacher not in ("default",) else "default",
+                               max_length=cfg.max_length)
+    student = build_student(teacher, student=cfg.resolve_path(cfg.student) if cfg.student else None,
+                            layers=cfg.student_layers, fresh=cfg.fresh_student, pooling=cfg.pooling,
+                            normalize=cfg.normalize, max_length=cfg.max_length, seed=cfg.seed)
+    data = None
+    if cfg.stage == "distill":
+        if not cfg.corpus:
+            raise ConfigError("stage distill needs a corpus")
+        sentences, stats = read_sentences(cfg.resolve_path(cfg.corpus), column=cfg.corpus_column, limit=cfg.corpus_limit)
+        if cfg.extra_stsb_sentences:
+            extra = stsb_sentences(cfg.resolve_path(cfg.extra_stsb_sentences))
+            sentences = list(dict.fromkeys(sentences + extra))
+        if rank == 0:
+            log.info("corpus: %s; %d sentences in total", stats, len(sentences))
+        if cfg.method != "none":
+            if len(sentences) < cfg.batch_size:
+                raise DataError(f"the corpus has {len(sentences)} sentences, fewer than one batch of {cfg.batch_size}")
+            if cfg.teacher_embeddings:
+                matrix = load_teacher_matrix(cfg.resolve_path(cfg.teacher_embeddings), len(sentences))
+                if cfg.pca_dim:
+                    from .teacher_cache import pca
+
+                    matrix = pca(matrix, cfg.pca_dim)
+            else:
+                cache_dir = cfg.resolve_path(cfg.cache_dir) or str(Path(cfg.output) / "teacher_cache")
+                if rank == 0:
+                    matrix = build_teacher_cache(teacher, sentences, cache_dir, batch_size=cfg.teacher_batch_size,
+                                                 device=device, progress=cfg.progress, pca_dim=cfg.pca_dim)
+                if world > 1:
+                    dist.barrier()
+                    if rank:
+                        matrix = build_teacher_cache(teacher, sentences, cache_dir, progress=False, pca_dim=cfg.pca_dim)
+            data = DistillData(sentences, matrix)
+            teacher_dim = int(matrix.shape[1])
+        else:
+            teacher_dim = teacher.dim if teacher is not None else student.dim
+        del teacher
+        objective = DistillObjective(cfg.method, student.dim, teacher_dim, temperature=defaults["temperature"],
+                                     beta=defaults["beta"], gamma=defaults["gamma"],
+                                     projection_dim=cfg.projection_dim, hsic_normalize=cfg.hsic_normalize,
+                                     backend=cfg.backend)
+    else:
+        if cfg.method != "none":
+            if not cfg.train_file:
+                raise ConfigError("stage finetune needs train_file (csv sent0,sent1[,hard_neg] or scored pairs)")
+            labeled = read_labeled(cfg.resolve_path(cfg.train_file), min_score=cfg.min_score)
+            if rank == 0:
+                log.info("train file: %s%s", labeled.stats,
+                         "" if labeled.hard_negatives is not None else " (no hard negatives)")
+            data = FinetuneData(labeled)
+        objective = FinetuneObjective(cfg.method, student.dim, temperature=defaults["temperature"], beta=defaults["beta"],
+                                      gamma=defaults["gamma"], projection_dim=defaults["projection_dim"],
+                                      hsic_normalize=cfg.hsic_normalize, backend=cfg.backend)
+    return Trainer(cfg, student, objective, data, device=device)
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Train (unless method is none), then report STS-B dev/test Spearman of the selected student."""
+    trainer = build_run(cfg)
+    summary = trainer.fit() if cfg.method != "none" else {"steps": 0}
+    rank, _ = dist_info()
+    if rank == 0:
+        best = Path(cfg.output) / "best"
+        if cfg.method == "none":
+            export_student(trainer.student, trainer.objective, Path(cfg.output) / "final")
+        elif summary.get("best_step") is not None and best.exists():
+            trainer.student = Encoder.load(str(best))
+            trainer.student.to(trainer.device)
+        summary["student"] = str(best if summary.get("best_step") is not None else Path(cfg.output) / "final")
+        for split in ("dev", "test"):
+            path = cfg.resolve_path(getattr(cfg, split))
+            if path and Path(path).exists():
+                summary[f"{split}_spearman"] = trainer.evaluate(path)
+        with open(Path(cfg.output) / "summary.json", "w") as f:
+            json.dump(summary, f, indent=1)
+    if dist.is_initialized():
+        dist.barrier()
+    return summary

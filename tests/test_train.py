@@ -1,0 +1,188 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ibkd.data import DataError, LabeledData
+from ibkd.models import Encoder, build_student, make_tiny_bert
+from ibkd.train import (CHECKPOINT_NAME, ConfigError, DistillData, DistillObjective, FinetuneData, FinetuneObjective,
+                        NonFiniteLossError, TrainConfig, Trainer)
+
+WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
+
+
+def sentences(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=rng.integers(2, 8))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return str(make_tiny_bert(tmp_path_factory.mktemp("m") / "bert", num_layers=3, hidden_size=32, dropout=0.0))
+
+
+def distill_trainer(tiny, tmp_path, n=24, method="ibkd", **overrides):
+    settings = dict(output=str(tmp_path / "out"), batch_size=8, max_steps=3, progress=False, plot=False,
+                    method=method, dev=None, test=None)
+    cfg = TrainConfig(**{**settings, **overrides})
+    torch.manual_seed(0)
+    teacher_vectors = np.random.default_rng(1).normal(size=(n, 48)).astype(np.float32)
+    student = build_student(Encoder.load(tiny), layers=[0, 2])
+    d = cfg.stage_defaults()
+    objective = DistillObjective(method, student.dim, 48, temperature=d["temperature"], beta=d["beta"], gamma=d["gamma"],
+                                 projection_dim=None, hsic_normalize=True, backend=cfg.backend)
+    return Trainer(cfg, student, objective, DistillData(sentences(n), teacher_vectors))
+
+
+def grads(trainer):
+    return {n: p.grad.clone() for n, p in list(trainer.student.named_parameters()) + list(trainer.objective.named_parameters())
+            if p.grad is not None}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 5])
+def test_grad_cache_equals_uncached_stage1(tiny, tmp_path, chunk):
+    results = {}
+    for name, c in (("plain", None), ("cached", chunk)):
+        trainer = distill_trainer(tiny, tmp_path / name, grad_cache_chunk=c)
+        groups, teacher = trainer.data.batch(np.arange(8))
+        res = trainer.forward_backward(groups, teacher)
+        results[name] = (res, grads(trainer))
+    (plain, g_plain), (cached, g_cached) = results["plain"], results["cached"]
+    assert plain.loss == pytest.approx(cached.loss, rel=1e-5)
+    assert g_plain.keys() == g_cached.keys() and len(g_plain) > 10
+    for k in g_plain:
+        torch.testing.assert_close(g_cached[k], g_plain[k], atol=1e-6, rtol=1e-4, msg=k)
+    assert set(plain.grad_norms) == {"infonce", "hsic"} and all(v > 0 for v in plain.grad_norms.values())
+
+
+def finetune_trainer(tiny, tmp_path, hard_negatives=True, **overrides):
+    cfg = TrainConfig(stage="finetune", output=str(tmp_path / "out"), batch_size=6, max_steps=2, progress=False,
+                      plot=False, dev=None, test=None, **overrides)
+    a, p, n = sentences(12, 1), sentences(12, 2), sentences(12, 3)
+    data = FinetuneData(LabeledData(a, p, n if hard_negatives else None))
+    torch.manual_seed(0)
+    student = Encoder.load(tiny)
+    d = cfg.stage_defaults()
+    objective = FinetuneObjective("ibkd", student.dim, temperature=d["temperature"], beta=d["beta"], gamma=d["gamma"],
+                                  projection_dim=d["projection_dim"], hsic_normalize=True, backend="auto")
+    return Trainer(cfg, student, objective, data)
+
+
+@pytest.mark.parametrize("hard_negatives", [True, False])
+def test_grad_cache_equals_uncached_stage2(tiny, tmp_path, hard_negatives):
+    out = []
+    for c in (None, 4):
+        trainer = finetune_trainer(tiny, tmp_path / str(c), hard_negatives, grad_cache_chunk=c)
+        assert trainer.hsic_layer == "penultimate" and trainer.groups == (3 if hard_negatives else 2)
+        groups, _ = trainer.data.batch(np.arange(6))
+        out.append((trainer.forward_backward(groups, None), grads(trainer)))
+    assert out[0][0].loss == pytest.approx(out[1][0].loss, rel=1e-5)
+    for k in out[0][1]:
+        torch.testing.assert_close(out[1][1][k], out[0][1][k], atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_stage2_without_hard_negatives_trains(tiny, tmp_path):
+    trainer = finetune_trainer(tiny, tmp_path, hard_negatives=False)
+    before = [p.detach().clone() for p in trainer.student.parameters()]
+    summary = trainer.fit()
+    assert summary["steps"] == 2
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.student.parameters()))
+    assert (tmp_path / "out" / "final" / "ibkd_projection.pt").exists()
+
+
+@pytest.mark.parametrize("method,terms", [("ibkd", {"infonce", "hsic"}), ("contrastive", {"infonce"}), ("mse", {"mse"})])
+def test_methods_log_their_terms(tiny, tmp_path, method, terms):
+    trainer = distill_trainer(tiny, tmp_path, method=method, plot=True)
+    trainer.fit()
+    rows = [json.loads(l) for l in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert terms <= set(rows[0]) and {f"grad_norm_{t}" for t in terms} <= set(rows[0])
+    assert all(r["lr"] >= 0 and r["sentences_per_s"] > 0 for r in rows)
+    assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_learning_rate_schedule(tiny, tmp_path):
+    trainer = distill_trainer(tiny, tmp_path, max_steps=10, warmup_ratio=0.3, lr=1e-3)
+    lrs = []
+    for _ in range(10):
+        lrs.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.scheduler.step()
+    assert lrs[0] < lrs[1] < lrs[2] <= 1e-3 and lrs[3] == pytest.approx(1e-3)
+    assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 0
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_steps(tiny, tmp_path, amp):
+    trainer = distill_trainer(tiny, tmp_path, amp=amp, max_steps=2)
+    assert trainer.scaler.is_enabled() == (amp == "fp16")
+    summary = trainer.fit()
+    assert summary["steps"] == 2
+
+
+def test_grad_accumulation_averages_micro_batches(tiny, tmp_path):
+    accum = distill_trainer(tiny, tmp_path / "a", grad_accum=2)
+    accum.optimizer.step = lambda *a, **k: None  # keep the weights, inspect the accumulated gradient
+    accum.train_step()
+    g_accum = grads(accum)
+    single = distill_trainer(tiny, tmp_path / "s")
+    for position in (0, 1):
+        groups, teacher = single.data.batch(single.batches.indices(0, position))
+        single.forward_backward(groups, teacher, loss_scale=0.5)
+    for k, v in grads(single).items():
+        torch.testing.assert_close(g_accum[k], v, msg=k)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tiny, tmp_path):
+    trainer = distill_trainer(tiny, tmp_path, max_steps=4, save_steps=1)
+    real_terms = trainer.objective.terms
+    calls = {"n": 0}
+
+    def sometimes_nan(s, x, t):
+        calls["n"] += 1
+        out = real_terms(s, x, t)
+        if calls["n"] == 3:
+            out["hsic"] = out["hsic"] * float("nan")
+        return out
+
+    trainer.objective.terms = sometimes_nan
+    with pytest.raises(NonFiniteLossError, match="non-finite hsic loss at step 3"):
+        trainer.fit()
+    state = torch.load(tmp_path / "out" / CHECKPOINT_NAME, weights_only=False)
+    assert state["step"] == 2
+    for k, v in state["student"].items():
+        assert torch.isfinite(v.float()).all(), k
+
+
+def test_nan_skip_policy(tiny, tmp_path):
+    trainer = distill_trainer(tiny, tmp_path, max_steps=3, nan_policy="skip")
+    real_terms, calls = trainer.objective.terms, {"n": 0}
+
+    def once_nan(s, x, t):
+        calls["n"] += 1
+        out = real_terms(s, x, t)
+        if calls["n"] == 2:
+            out["infonce"] = out["infonce"] + float("inf")
+        return out
+
+    trainer.objective.terms = once_nan
+    summary = trainer.fit()
+    assert summary == {**summary, "steps": 3, "nan_skips": 1}
+
+
+def test_corpus_smaller_than_a_batch(tiny, tmp_path):
+    with pytest.raises(DataError, match="fewer than one batch"):
+        distill_trainer(tiny, tmp_path, n=5)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="unknown config key"):
+        TrainConfig.from_dict({"learning_rate": 1})
+    with pytest.raises(ConfigError, match="amp"):
+        TrainConfig.from_dict({"amp": "fp8"})
+    with pytest.raises(ConfigError, match="mse"):
+        TrainConfig.from_dict({"stage": "finetune", "method": "mse"})
+    cfg = TrainConfig.from_dict({"stage": "finetune", "method": "contrastive"})
+    assert cfg.stage_defaults() == {"temperature": 0.05, "beta": 0.0, "gamma": 0.1, "projection_dim": 128,
+                                    "hsic_layer": "penultimate"}
+    assert TrainConfig().stage_defaults()["beta"] == 0.2
