@@ -132,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) hsic_grad_kernel(const HsicGradArgs<
   T* wz_tile = reinterpret_cast<T*>(smem + L::kUnionBytes + L::kGRegionBytes);
   acc_t* acc = reinterpret_cast<acc_t*>(smem + L::kUnionBytes + 2 * L::kGRegionBytes);
   const int acc_ld = L::acc_ld(p.chunk_cols);
-  const HsicKernelArgs<T>& in = p.in;
+  const HsicKernelArgs<T> in = p.in;  // a copy: taking the address of a kernel parameter forces it to local memory
 
   const int r0 = blockIdx.x * kTile;
   const int col_begin = blockIdx.y * p.chunk_cols;
