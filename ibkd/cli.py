@@ -148,8 +148,17 @@ def _cmd_eval(args) -> int:
     encoder = Encoder.load(args.model, max_length=args.max_length).to(args.device)
     params = sum(p.numel() for p in encoder.parameters())
     print(f"model {args.model}: {params / 1e6:.1f}M parameters, dim {encoder.dim}")
+    try:
+        from .evaluation import evaluate_sts
+    except ImportError:
+        evaluate_sts = None
     for split, path in paths.items():
-        print(f"STS-B {split} Spearman x100: {sts_spearman(encoder, path, batch_size=args.batch_size, device=args.device):.2f}")
+        if evaluate_sts is None:
+            print(f"STS-B {split} Spearman x100: {sts_spearman(encoder, path, batch_size=args.batch_size):.2f}")
+            continue
+        result = evaluate_sts(encoder.encode, path, batch_size=args.batch_size, name=f"stsb-{split}")
+        print(f"STS-B {split} Spearman x100: {result['spearman']:.2f} "
+              f"({result['sentences_per_second']:.0f} sentences/s)")
     return 0
 
 

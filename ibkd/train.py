@@ -316,15 +316,13 @@ class FinetuneData:
 def sts_spearman(encoder: Encoder, path: str, batch_size: int = 128, device=None) -> float:
     """Spearman ×100 of cosine similarity on an STS-B file (uses :mod:`ibkd.evaluation` when present)."""
     try:
-        from . import evaluation  # the Evaluation part of the package (another module's API)
-
-        result = evaluation.evaluate_sts(
-            lambda sents: encoder.encode(list(sents), batch_size=batch_size, device=device), path)
-        for key in ("spearman", "spearman_x100", "score"):
-            if isinstance(result, dict) and key in result:
-                return float(result[key])
+        from .evaluation import evaluate_sts  # the package's evaluation module, when present
     except ImportError:
-        pass
+        evaluate_sts = None
+    if evaluate_sts is not None:
+        if device is not None:
+            encoder.to(device)
+        return float(evaluate_sts(encoder.encode, path, batch_size=batch_size)["spearman"])
     from scipy.stats import spearmanr
 
     s1, s2, gold = read_stsb(path)
