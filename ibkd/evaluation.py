@@ -151,7 +151,8 @@ def _to_float_tensor(output: Any, expected_rows: int) -> torch.Tensor:
         tensor = torch.as_tensor(np.asarray(output))
     if tensor.ndim != 2 or tensor.shape[0] != expected_rows:
         raise ValueError(
-            f"encode must return a ({expected_rows}, dim) matrix for {expected_rows} texts, got shape {tuple(tensor.shape)}"
+            f"encode must return a ({expected_rows}, dim) matrix for {expected_rows} texts, "
+            f"got shape {tuple(tensor.shape)}"
         )
     return tensor.float()
 
@@ -316,7 +317,8 @@ def load_senteval_sts(folder: PathLike) -> dict[str, STSData]:
         pairs, golds = _read_lines(input_path), _read_lines(gold_path)
         if len(pairs) != len(golds):
             raise ValueError(
-                f"{input_path} has {len(pairs)} lines but {gold_path.name} has {len(golds)}: they must align line by line"
+                f"{input_path} has {len(pairs)} lines but {gold_path.name} has {len(golds)}: "
+                "they must align line by line"
             )
         sents1, sents2, scores = [], [], []
         for line_no, (pair, gold) in enumerate(zip(pairs, golds), start=1):
@@ -769,5 +771,6 @@ def format_result(result: Mapping[str, Any]) -> str:
     metrics = " ".join(f"{k}={result[k]:.2f}" if k in ("spearman", "pearson") else f"{k}={result[k]:.4f}" for k in keys)
     params = result.get("parameters")
     params_text = f"{params / 1e6:.2f}M params" if params else "params n/a"
+    speed = result.get("sentences_per_second", float("nan"))
     return (f"{result.get('task', '?')}: {metrics} (n={result.get('n', result.get('num_queries'))}, "
-            f"dim={result.get('embedding_dim')}, {params_text}, {result.get('sentences_per_second', float('nan')):.0f} sent/s)")
+            f"dim={result.get('embedding_dim')}, {params_text}, {speed:.0f} sent/s)")

@@ -278,7 +278,8 @@ def test_evaluate_retrieval_on_tiny_beir_folder(tmp_path):
         q = torch.nn.functional.normalize(hashing_encode(data.query_texts))
         c = torch.nn.functional.normalize(hashing_encode(data.corpus_texts))
     order = torch.sort(q @ c.T, dim=1, descending=True, stable=True).indices.tolist()
-    rankings = [[data.corpus_ids[i] for i in row if data.corpus_ids[i] != qid] for qid, row in zip(data.query_ids, order)]
+    rankings = [[data.corpus_ids[i] for i in row if data.corpus_ids[i] != qid]
+                for qid, row in zip(data.query_ids, order)]
     expected = ev.ranking_metrics(rankings, [data.qrels[q] for q in data.query_ids], recall_ks=(1, 3))
     for key, value in expected.items():
         assert result[key] == pytest.approx(value)

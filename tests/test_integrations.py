@@ -265,3 +265,19 @@ def test_hf_trainer_trains_student_and_projection_logs_and_saves(tiny_bert, tmp_
 
     reloaded = AutoModel.from_pretrained(str(out_dir))  # a plain AutoModel folder
     torch.testing.assert_close(reloaded.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation of a SentenceTransformer (an object with .encode that is also an nn.Module)
+# ------------------------------------------------------------------------------------------------
+def test_evaluation_accepts_a_sentence_transformer(tiny_bert):
+    from ibkd import evaluation as ev
+
+    model = tiny_st_model(tiny_bert)
+    pairs = (SENTENCES[:6], SENTENCES[6:], [0.5, 1.0, 2.0, 3.5, 4.0, 5.0])
+    result = ev.evaluate_sts(model, pairs, batch_size=4)
+    assert result["parameters"] == sum(p.numel() for p in model.parameters())
+    assert result["embedding_dim"] == 16 and result["sentences_encoded"] == 12
+    as_function = ev.evaluate_sts(lambda texts: model.encode(texts), pairs, batch_size=5)
+    assert as_function["parameters"] is None
+    assert as_function["spearman"] == pytest.approx(result["spearman"], abs=1e-6)

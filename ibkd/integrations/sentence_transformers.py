@@ -364,7 +364,9 @@ class IBKDSupervisedLoss(nn.Module):
         self._config = dict(temperature=temperature, beta=beta, gamma=gamma, projection_dim=projection_dim,
                             input_layer=input_layer)
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def forward(
+        self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None
+    ) -> dict[str, Tensor]:
         features = list(sentence_features)
         if len(features) < 2:
             raise ValueError(
