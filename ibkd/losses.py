@@ -54,13 +54,15 @@ class InfoNCELoss(nn.Module):
         else:
             self.register_buffer("log_temperature", torch.tensor(float(temperature)).log(), persistent=False)
         self.learnable_temperature = learnable_temperature
+        # a fixed τ stays a Python float: no device sync per step, and torch.compile sees a constant
+        self._fixed_temperature = float(temperature)
 
     @property
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
     def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        temperature = self.temperature if self.learnable_temperature else float(self.temperature)
+        temperature = self.temperature if self.learnable_temperature else self._fixed_temperature
         return F_ibkd.infonce(
             query,
             key,

@@ -105,12 +105,6 @@ def test_compiled_functional_step_matches_eager(backend):
             torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: InfoNCELoss.forward calls float() on its temperature buffer (ibkd/losses.py), which "
-    "torch.compile turns into a data-dependent value that the temperature check cannot guard on; "
-    "remove this marker when fixed",
-)
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 def test_compiled_ibkd_loss_matches_eager(compile_backend):
     """Linear student + IBKDLoss (projection, InfoNCE, HSIC), fullgraph, through the fused custom ops."""
