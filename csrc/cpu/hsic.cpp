@@ -1,0 +1,263 @@
+// Fused HSIC statistics on the CPU.
+//
+// K and L are symmetric, so only the tile pairs (I, J) with J ≥ I of a square tiling of the n×n
+// matrices are computed; an off-diagonal pair stands for itself and its transpose (weight 2 in the
+// sums, its column sums are the row sums of block J). Each tile pair costs one Gram GEMM per input
+// (half the GEMM work of forming K and L), the RBF exponent is applied to the tile in place:
+//   −γ‖a_i − a_j‖² = 2γ·a_i·a_j − γ(‖a_i‖² + ‖a_j‖²), clamped at ≤ 0, then exp.
+//
+// * hsic_stats: one pass; per worker Σ K∘L, Σ K∘K, Σ L∘L (float64) and row-sum accumulators.
+// * hsic_stats_backward: recomputes the two tiles, forms the symmetric weights
+//     W_ij = (2·g0·L_ij + 4·g1·K_ij + grk_i + grk_j)·K_ij  (RBF; without the ·K_ij for linear)
+//     V_ij = (2·g0·K_ij + 4·g2·L_ij + grl_i + grl_j)·L_ij
+//   and accumulates W X_J, W1 into block I and Wᵀ X_I, Wᵀ1 into block J (likewise V with Z):
+//     RBF: dx = −2γ_x (diag(W1) X − W X);  linear: dx = W X.
+//   2 Gram GEMMs + 4 product GEMMs per off-diagonal tile pair (per-worker n×D accumulators).
+#include "ibkd_cpu.h"
+
+#include <cmath>
+
+namespace ibkd {
+namespace cpu {
+namespace {
+
+enum class Kernel { kRbf, kLinear };
+
+struct HsicInputs {
+  Tensor x, z;      // contiguous, accumulation dtype
+  Tensor sqx, sqz;  // squared row norms (RBF only)
+  double gx = 1.0, gz = 1.0;
+  Kernel kernel;
+  at::ScalarType dtype;
+  int64_t n;
+};
+
+HsicInputs prepare(const char* fn, const Tensor& x, const Tensor& z, const Tensor& gammas,
+                   const std::string& kernel) {
+  TORCH_CHECK(kernel == "rbf" || kernel == "linear", fn, ": kernel must be \"rbf\" or \"linear\", got \"",
+              kernel, "\"");
+  TORCH_CHECK(x.device().is_cpu() && z.device().is_cpu() && gammas.device().is_cpu(), fn,
+              ": x, z and gammas must be CPU tensors, got ", x.device(), ", ", z.device(), " and ",
+              gammas.device());
+  TORCH_CHECK(x.dim() == 2, fn, ": x must be 2-D (n, dx), got shape ", x.sizes());
+  TORCH_CHECK(z.dim() == 2, fn, ": z must be 2-D (n, dz), got shape ", z.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), fn, ": x must be a floating tensor, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == z.scalar_type(), fn, ": x and z must have the same dtype, got ",
+              x.scalar_type(), " and ", z.scalar_type());
+  TORCH_CHECK(x.size(0) == z.size(0), fn, ": x and z must have the same number of rows, got ",
+              x.size(0), " and ", z.size(0));
+  TORCH_CHECK(x.size(0) >= 1, fn, ": x must have at least one row");
+  TORCH_CHECK(gammas.numel() == 2, fn, ": gammas must hold (gamma_x, gamma_z), got shape ",
+              gammas.sizes());
+  HsicInputs in;
+  const auto acc = accumulation_dtype(x.scalar_type());
+  in.x = x.detach().contiguous().to(acc);
+  in.z = z.detach().contiguous().to(acc);
+  in.kernel = kernel == "rbf" ? Kernel::kRbf : Kernel::kLinear;
+  in.dtype = x.scalar_type();
+  in.n = x.size(0);
+  if (in.kernel == Kernel::kRbf) {
+    const Tensor g = gammas.detach().to(at::kDouble).reshape({2});
+    in.gx = g[0].item<double>();
+    in.gz = g[1].item<double>();
+    in.sqx = in.x.pow(2).sum(1);
+    in.sqz = in.z.pow(2).sum(1);
+  }
+  return in;
+}
+
+struct Block {
+  int64_t start, size;
+};
+
+struct TilePair {
+  Block i, j;
+  bool diagonal() const { return i.start == j.start; }
+};
+
+std::vector<TilePair> tile_pairs(int64_t n) {
+  const int64_t bs = std::max<int64_t>(1, std::min<int64_t>(n, tuning().hsic_block));
+  const int64_t nb = ceil_div(n, bs);
+  std::vector<TilePair> pairs;
+  pairs.reserve(nb * (nb + 1) / 2);
+  for (int64_t I = 0; I < nb; ++I) {
+    for (int64_t J = I; J < nb; ++J) {
+      pairs.push_back({{I * bs, std::min(bs, n - I * bs)}, {J * bs, std::min(bs, n - J * bs)}});
+    }
+  }
+  return pairs;
+}
+
+int64_t tile_elems(int64_t n) {
+  const int64_t bs = std::max<int64_t>(1, std::min<int64_t>(n, tuning().hsic_block));
+  return bs * bs;
+}
+
+// Fills `out` (|I| × |J|) with the kernel tile of rows I and J of `a`.
+void kernel_tile(Tensor& out, const Tensor& a, const Tensor& sq, double gamma, Kernel kernel,
+                 const TilePair& p) {
+  const Tensor a_i = a.narrow(0, p.i.start, p.i.size), a_j = a.narrow(0, p.j.start, p.j.size);
+  if (kernel == Kernel::kLinear) {
+    at::mm_out(out, a_i, a_j.t());
+    return;
+  }
+  at::add_out(out, sq.narrow(0, p.i.start, p.i.size).unsqueeze(1),
+              sq.narrow(0, p.j.start, p.j.size).unsqueeze(0));
+  out.addmm_(a_i, a_j.t(), /*beta=*/-gamma, /*alpha=*/2.0 * gamma);
+  out.clamp_max_(0).exp_();
+}
+
+double tile_dot(const Tensor& a, const Tensor& b) {
+  return at::dot(a.reshape({-1}), b.reshape({-1})).item<double>();
+}
+
+// Adds the row sums of `t` to acc[I] and, for an off-diagonal pair, its column sums to acc[J].
+void add_row_and_column_sums(Tensor& acc, const Tensor& t, const TilePair& p) {
+  acc.narrow(0, p.i.start, p.i.size).add_(t.sum(1));
+  if (!p.diagonal()) acc.narrow(0, p.j.start, p.j.size).add_(t.sum(0));
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor> hsic_stats(const Tensor& x, const Tensor& z,
+                                              const Tensor& gammas, const std::string& kernel) {
+  at::NoGradGuard no_grad;
+  const HsicInputs in = prepare("hsic_stats", x, z, gammas, kernel);
+  const auto opts = in.x.options();
+  const auto opts64 = opts.dtype(at::kDouble);
+  const std::vector<TilePair> pairs = tile_pairs(in.n);
+  const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(in.n);
+  const ChunkPlan plan = plan_chunks(npairs);
+  struct Slot {
+    double kl = 0, kk = 0, ll = 0;
+    Tensor rk, rl;
+  };
+  std::vector<Slot> slots(plan.count);
+
+  parallel_chunks(npairs, plan, [&](int64_t p0, int64_t p1, int64_t slot_index) {
+    Slot& s = slots[slot_index];
+    s.rk = at::zeros({in.n}, opts64);
+    s.rl = at::zeros({in.n}, opts64);
+    Tensor k_buf = at::empty({elems}, opts), l_buf = at::empty({elems}, opts);
+    for (int64_t p = p0; p < p1; ++p) {
+      const TilePair& pair = pairs[p];
+      Tensor K = tile_view(k_buf, pair.i.size, pair.j.size);
+      Tensor L = tile_view(l_buf, pair.i.size, pair.j.size);
+      kernel_tile(K, in.x, in.sqx, in.gx, in.kernel, pair);
+      kernel_tile(L, in.z, in.sqz, in.gz, in.kernel, pair);
+      const double weight = pair.diagonal() ? 1.0 : 2.0;
+      s.kl += weight * tile_dot(K, L);
+      s.kk += weight * tile_dot(K, K);
+      s.ll += weight * tile_dot(L, L);
+      add_row_and_column_sums(s.rk, K, pair);
+      add_row_and_column_sums(s.rl, L, pair);
+    }
+  });
+
+  double kl = 0, kk = 0, ll = 0;
+  Tensor rk = at::zeros({in.n}, opts64), rl = at::zeros({in.n}, opts64);
+  for (const auto& s : slots) {
+    if (!s.rk.defined()) continue;
+    kl += s.kl;
+    kk += s.kk;
+    ll += s.ll;
+    rk.add_(s.rk);
+    rl.add_(s.rl);
+  }
+  Tensor sums = at::tensor({kl, kk, ll}, opts64).to(opts.dtype());
+  return {sums, rk.to(opts.dtype()), rl.to(opts.dtype())};
+}
+
+std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Tensor& grad_rowsum_k,
+                                               const Tensor& grad_rowsum_l, const Tensor& x,
+                                               const Tensor& z, const Tensor& gammas,
+                                               const std::string& kernel) {
+  at::NoGradGuard no_grad;
+  const HsicInputs in = prepare("hsic_stats_backward", x, z, gammas, kernel);
+  const int64_t n = in.n, dx = in.x.size(1), dz = in.z.size(1);
+  TORCH_CHECK(grad_sums.numel() == 3, "hsic_stats_backward: grad_sums must have 3 elements, got shape ",
+              grad_sums.sizes());
+  TORCH_CHECK(grad_rowsum_k.dim() == 1 && grad_rowsum_k.size(0) == n,
+              "hsic_stats_backward: grad_rowsum_k must have shape (n,) = (", n, "), got ", grad_rowsum_k.sizes());
+  TORCH_CHECK(grad_rowsum_l.dim() == 1 && grad_rowsum_l.size(0) == n,
+              "hsic_stats_backward: grad_rowsum_l must have shape (n,) = (", n, "), got ", grad_rowsum_l.sizes());
+  const auto opts = in.x.options();
+  const Tensor g = grad_sums.detach().to(at::kDouble).reshape({3});
+  const double g0 = g[0].item<double>(), g1 = g[1].item<double>(), g2 = g[2].item<double>();
+  const Tensor grk = grad_rowsum_k.detach().to(opts.dtype()).contiguous();
+  const Tensor grl = grad_rowsum_l.detach().to(opts.dtype()).contiguous();
+  const bool rbf = in.kernel == Kernel::kRbf;
+  const std::vector<TilePair> pairs = tile_pairs(n);
+  const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(n);
+  const ChunkPlan plan = plan_chunks(npairs);
+  struct Slot {
+    Tensor wx, wrow, vz, vrow;
+  };
+  std::vector<Slot> slots(plan.count);
+
+  // W (for x) or V (for z) of one tile pair: (grow_i + grow_j + c_same·S + c_other·O) ∘ S (RBF),
+  // where S is the tile of the input's own kernel and O the other kernel's tile.
+  auto weight_tile = [&](Tensor& out, const Tensor& grow, const Tensor& S, const Tensor& O,
+                         double c_same, double c_other, const TilePair& p) {
+    at::add_out(out, grow.narrow(0, p.i.start, p.i.size).unsqueeze(1),
+                grow.narrow(0, p.j.start, p.j.size).unsqueeze(0));
+    if (c_other != 0) out.add_(O, c_other);
+    if (c_same != 0) out.add_(S, c_same);
+    if (rbf) out.mul_(S);
+  };
+  // acc[I] += T a[J], acc[J] += Tᵀ a[I] (off-diagonal), and the row sums of T for RBF.
+  auto accumulate = [&](Tensor& acc, Tensor& row, const Tensor& T, const Tensor& a, const TilePair& p) {
+    const Tensor a_i = a.narrow(0, p.i.start, p.i.size), a_j = a.narrow(0, p.j.start, p.j.size);
+    acc.narrow(0, p.i.start, p.i.size).addmm_(T, a_j);
+    if (!p.diagonal()) acc.narrow(0, p.j.start, p.j.size).addmm_(T.t(), a_i);
+    if (rbf) add_row_and_column_sums(row, T, p);
+  };
+
+  parallel_chunks(npairs, plan, [&](int64_t p0, int64_t p1, int64_t slot_index) {
+    Slot& s = slots[slot_index];
+    s.wx = at::zeros({n, dx}, opts);
+    s.vz = at::zeros({n, dz}, opts);
+    if (rbf) {
+      s.wrow = at::zeros({n}, opts);
+      s.vrow = at::zeros({n}, opts);
+    }
+    Tensor k_buf = at::empty({elems}, opts), l_buf = at::empty({elems}, opts);
+    Tensor w_buf = at::empty({elems}, opts), v_buf = at::empty({elems}, opts);
+    for (int64_t p = p0; p < p1; ++p) {
+      const TilePair& pair = pairs[p];
+      const int64_t ri = pair.i.size, rj = pair.j.size;
+      Tensor K = tile_view(k_buf, ri, rj), L = tile_view(l_buf, ri, rj);
+      Tensor W = tile_view(w_buf, ri, rj), V = tile_view(v_buf, ri, rj);
+      kernel_tile(K, in.x, in.sqx, in.gx, in.kernel, pair);
+      kernel_tile(L, in.z, in.sqz, in.gz, in.kernel, pair);
+      weight_tile(W, grk, K, L, 4.0 * g1, 2.0 * g0, pair);
+      weight_tile(V, grl, L, K, 4.0 * g2, 2.0 * g0, pair);
+      accumulate(s.wx, s.wrow, W, in.x, pair);
+      accumulate(s.vz, s.vrow, V, in.z, pair);
+    }
+  });
+
+  Tensor wx, wrow, vz, vrow;
+  for (auto& s : slots) {  // in chunk order: deterministic
+    if (!s.wx.defined()) continue;
+    if (!wx.defined()) {
+      wx = s.wx, vz = s.vz, wrow = s.wrow, vrow = s.vrow;
+      continue;
+    }
+    wx.add_(s.wx);
+    vz.add_(s.vz);
+    if (rbf) {
+      wrow.add_(s.wrow);
+      vrow.add_(s.vrow);
+    }
+  }
+  if (rbf) {  // dx = −2γ (diag(W1) X − W X)
+    wx.sub_(in.x * wrow.unsqueeze(1)).mul_(2.0 * in.gx);
+    vz.sub_(in.z * vrow.unsqueeze(1)).mul_(2.0 * in.gz);
+  }
+  return {wx.to(in.dtype), vz.to(in.dtype)};
+}
+
+}  // namespace cpu
+}  // namespace ibkd

@@ -1,0 +1,107 @@
+// Fused CPU kernels of ibkd (InfoNCE and HSIC) and the helpers they share.
+//
+// The kernel-level contract (argument meaning, shapes, accumulation dtype) is documented in
+// ibkd/backend/base.py. Every kernel works on tiles of the B×N logit / n×n kernel matrices and never
+// holds more than one tile per worker: extra memory is O((B+N)·D) (upcast copies, per-worker
+// gradient accumulators) plus the tiles.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace ibkd {
+namespace cpu {
+
+using at::Tensor;
+
+// Tile sizes, measured on a 2-core AVX-512 box. Exposed to Python (ibkd._C.cpu_tuning() /
+// set_cpu_tuning(name, value)) so benchmarks can sweep them and tests can force many small tiles;
+// the defaults are what measured fastest.
+struct Tuning {
+  // InfoNCE: rows per row block (the logits tile is block_rows × min(N, max_tile_cols)).
+  int64_t infonce_block_rows = 128;
+  // InfoNCE: widest logits tile; wider rows are processed in column chunks (online log-sum-exp),
+  // and the fused forward+backward then falls back to a forward pass plus a backward pass.
+  int64_t infonce_max_tile_cols = 32768;
+  // HSIC: side of the square Gram tiles.
+  int64_t hsic_block = 256;
+  // Upper bound on the number of parallel workers that keep their own gradient accumulator
+  // (O(N·D) each); more threads than this share the work in fewer, larger chunks.
+  int64_t max_accumulators = 16;
+};
+
+Tuning& tuning();
+
+inline at::ScalarType accumulation_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// A contiguous rows × cols view at the start of a flat scratch buffer.
+inline Tensor tile_view(const Tensor& buffer, int64_t rows, int64_t cols) {
+  return buffer.narrow(0, 0, rows * cols).view({rows, cols});
+}
+
+// How a range [0, n) is cut into contiguous chunks for at::parallel_for: at most one chunk per
+// thread and at most Tuning::max_accumulators chunks, because each chunk owns private accumulators
+// (O(N·D) for the gradient kernels) that are summed in chunk order at the end.
+struct ChunkPlan {
+  int64_t per_chunk;
+  int64_t count;
+};
+
+inline ChunkPlan plan_chunks(int64_t n) {
+  const int64_t limit = std::max<int64_t>(
+      1, std::min<int64_t>((int64_t)at::get_num_threads(), tuning().max_accumulators));
+  const int64_t wanted = std::max<int64_t>(1, std::min<int64_t>(n, limit));
+  const int64_t per_chunk = std::max<int64_t>(1, ceil_div(n, wanted));
+  return {per_chunk, std::max<int64_t>(1, ceil_div(n, per_chunk))};
+}
+
+// Runs body(begin, end, chunk) for every chunk of the plan, in parallel. The chunk index (not the
+// thread id) selects the accumulators, so results are deterministic for a given thread count.
+// Inside at::parallel_for, BLAS and ATen ops run single-threaded (one tile per thread); a single
+// chunk runs directly on the calling thread, where they may use every thread.
+template <typename Body>
+void parallel_chunks(int64_t n, const ChunkPlan& plan, const Body& body) {
+  if (n <= 0) return;
+  if (plan.count == 1) {
+    body(0, n, 0);
+    return;
+  }
+  at::parallel_for(0, plan.count, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = c * plan.per_chunk;
+      if (begin < n) body(begin, std::min(n, begin + plan.per_chunk), c);
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------- kernels
+
+std::tuple<Tensor, Tensor> infonce_forward(const Tensor& q, const Tensor& k, const Tensor& inv_temp,
+                                           bool symmetric);
+
+std::tuple<Tensor, Tensor, Tensor> infonce_backward(const Tensor& grad_rows, const Tensor& q,
+                                                    const Tensor& k, const Tensor& inv_temp,
+                                                    const Tensor& lse, bool symmetric);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> infonce_forward_backward(
+    const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric, double grad_weight);
+
+std::tuple<Tensor, Tensor, Tensor> hsic_stats(const Tensor& x, const Tensor& z,
+                                              const Tensor& gammas, const std::string& kernel);
+
+std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Tensor& grad_rowsum_k,
+                                               const Tensor& grad_rowsum_l, const Tensor& x,
+                                               const Tensor& z, const Tensor& gammas,
+                                               const std::string& kernel);
+
+}  // namespace cpu
+}  // namespace ibkd

@@ -1,0 +1,473 @@
+"""The ``cpu`` backend (fused C++ kernels in ``ibkd._C``).
+
+* kernel level: every function of the kernel contract against :class:`ibkd.testing.DenseKernelBackend`
+  evaluated in float64 on the same (rounded) inputs, with default tiles and with tiny tiles that force
+  column chunking (online log-sum-exp), the two-pass fused fallback and many HSIC tile pairs;
+* end to end: ``ibkd.functional.infonce`` / ``hsic`` with ``backend="cpu"`` against ``"reference"``,
+  forward and backward (temperature gradient included), every reduction, symmetric, normalised,
+  non-contiguous inputs;
+* ``torch.autograd.gradcheck`` in float64;
+* memory: the largest single allocation (torch.profiler, CPU allocator events) stays far below one
+  B×N (n×n) float32 matrix, and the same check fails for the reference backend.
+
+Tolerances (relative to max(1, max|expected|)):
+  float64: 1e-9 — only summation order differs;
+  float32: 2e-5 (kernel level), 1e-4 (end to end, where the reference's own float32 error adds in);
+  bfloat16 / float16: the float32-accumulated outputs (loss, lse, HSIC statistics) as float32; the
+  gradients, which are returned in the input dtype, 1e-2 (bfloat16 has an 8-bit mantissa: 4e-3 per
+  rounding), 5e-3 for float16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+_C = pytest.importorskip("ibkd._C", reason="the compiled extension ibkd._C is not built")
+
+import ibkd  # noqa: E402
+from ibkd import functional as F  # noqa: E402
+from ibkd.backend import get_backend, resolve_backend  # noqa: E402
+from ibkd.testing import DenseKernelBackend  # noqa: E402
+
+CPU = get_backend("cpu")
+DENSE = DenseKernelBackend()
+
+# (value tolerance for acc-dtype outputs, tolerance for outputs in the input dtype)
+KERNEL_TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-5, 1e-2),
+    torch.float16: (2e-5, 5e-3),
+}
+E2E_TOL = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (1e-4, 1e-2),
+    torch.float16: (1e-4, 5e-3),
+}
+
+INFONCE_SHAPES = [  # (B, N, D): B=1, odd sizes, N > B, tiny and large D
+    (1, 1, 1),
+    (1, 6, 3),
+    (2, 2, 77),
+    (2, 5, 384),
+    (7, 7, 3),
+    (7, 19, 1),
+    (129, 129, 77),
+    (129, 200, 384),
+    (1000, 1000, 3),
+    (1000, 1031, 77),
+]
+HSIC_SHAPES = [(2, 1, 3), (3, 3, 1), (65, 77, 5), (65, 2, 384), (513, 384, 16), (513, 7, 77)]  # (n, dx, dz)
+
+
+def assert_close(actual, expected, tol, what=""):
+    expected = expected.double()
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * scale, msg=lambda m: f"{what}: {m}")
+
+
+@contextlib.contextmanager
+def cpu_tuning(**settings):
+    saved = _C.cpu_tuning()
+    try:
+        for name, value in settings.items():
+            _C.set_cpu_tuning(name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            _C.set_cpu_tuning(name, value)
+
+
+@contextlib.contextmanager
+def num_threads(n):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+# Default tiles; tiny tiles (several row blocks, column chunks of 16 → online lse and the two-pass
+# fused path, 16×16 HSIC tiles with ragged edges); tiny tiles in one chunk (a single accumulator).
+TILINGS = {
+    "default": {},
+    "small": dict(infonce_block_rows=8, infonce_max_tile_cols=16, hsic_block=16),
+    "small_serial": dict(infonce_block_rows=5, infonce_max_tile_cols=7, hsic_block=9, max_accumulators=1),
+}
+
+
+def _infonce_inputs(b, n, d, dtype, normalized, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, d, generator=g, dtype=torch.float64)
+    k = torch.randn(n, d, generator=g, dtype=torch.float64)
+    k[:b] += 0.5 * q  # positives correlate with their queries
+    if normalized:
+        q, k = torch.nn.functional.normalize(q, dim=1), torch.nn.functional.normalize(k, dim=1)
+        inv_temp = 20.0
+    else:
+        inv_temp = 0.7
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return q.to(dtype), k.to(dtype), torch.tensor(inv_temp, dtype=acc)
+
+
+def _as64(*ts):
+    return [t.double() for t in ts]
+
+
+# ------------------------------------------------------------------------- kernel level: InfoNCE
+
+
+@pytest.mark.parametrize("b,n,d", INFONCE_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("tiling", list(TILINGS))
+def test_infonce_kernels_match_dense(b, n, d, dtype, symmetric, tiling):
+    if symmetric:
+        n = b
+    if tiling != "default" and b * n > 20000:
+        pytest.skip("tiny tiles on large shapes: covered by the smaller shapes")
+    acc_tol, in_tol = KERNEL_TOL[dtype]
+    q, k, c = _infonce_inputs(b, n, d, dtype, normalized=dtype != torch.float64 or d > 50)
+    q64, k64, c64 = _as64(q, k, c)
+    g = torch.Generator().manual_seed(1)
+    grad_rows = torch.randn(b, generator=g, dtype=torch.float64)
+    with cpu_tuning(**TILINGS[tiling]):
+        rows, lse = CPU.infonce_forward(q, k, c, symmetric)
+        exp_rows, exp_lse = DENSE.infonce_forward(q64, k64, c64, symmetric)
+        assert rows.dtype == lse.dtype == c.dtype
+        assert rows.shape == (b,) and lse.shape == ((2 * b,) if symmetric else (b,))
+        assert_close(rows, exp_rows, acc_tol, "row_loss")
+        assert_close(lse, exp_lse, acc_tol, "lse")
+
+        dq, dk, dinv = CPU.infonce_backward(grad_rows.to(c.dtype), q, k, c, lse, symmetric)
+        exp_dq, exp_dk, exp_dinv = DENSE.infonce_backward(grad_rows, q64, k64, c64, exp_lse, symmetric)
+        assert dq.dtype == dk.dtype == dtype and dinv.dtype == c.dtype and dinv.shape == ()
+        assert_close(dq, exp_dq, in_tol, "dq")
+        assert_close(dk, exp_dk, in_tol, "dk")
+        assert_close(dinv, exp_dinv, max(acc_tol, in_tol), "dinv")
+
+        out = CPU.infonce_forward_backward(q, k, c, symmetric, 0.37)
+        expected = DENSE.infonce_forward_backward(q64, k64, c64, symmetric, 0.37)
+        for name, a, e, tol in zip(
+            ("row_loss", "lse", "dq", "dk", "dinv"), out, expected, (acc_tol, acc_tol, in_tol, in_tol, in_tol)
+        ):
+            assert_close(a, e, tol, f"forward_backward {name}")
+
+
+def test_infonce_kernels_float16():
+    q, k, c = _infonce_inputs(33, 40, 20, torch.float16, normalized=True)
+    q64, k64, c64 = _as64(q, k, c)
+    acc_tol, in_tol = KERNEL_TOL[torch.float16]
+    out = CPU.infonce_forward_backward(q, k, c, False, 1.0)
+    expected = DENSE.infonce_forward_backward(q64, k64, c64, False, 1.0)
+    for a, e, tol in zip(out, expected, (acc_tol, acc_tol, in_tol, in_tol, in_tol)):
+        assert_close(a, e, tol)
+
+
+def test_infonce_results_do_not_depend_on_threads():
+    q, k, c = _infonce_inputs(300, 310, 17, torch.float64, normalized=True)
+    with cpu_tuning(infonce_block_rows=16):
+        with num_threads(1):
+            one = CPU.infonce_forward_backward(q, k, c, False, 0.5) + CPU.infonce_forward(q, k, c, False)
+        two = CPU.infonce_forward_backward(q, k, c, False, 0.5) + CPU.infonce_forward(q, k, c, False)
+    for a, b in zip(one, two):
+        assert_close(a, b, 1e-12)
+
+
+# ---------------------------------------------------------------------------- kernel level: HSIC
+
+
+def _hsic_inputs(n, dx, dz, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dx, generator=g, dtype=torch.float64)
+    z = torch.randn(n, dz, generator=g, dtype=torch.float64)
+    z[:, : min(dx, dz)] += x[:, : min(dx, dz)]  # dependent, so HSIC is not ~0
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gammas = torch.tensor([0.5 / dx, 0.5 / dz], dtype=acc)
+    return x.to(dtype), z.to(dtype), gammas
+
+
+@pytest.mark.parametrize("n,dx,dz", HSIC_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+@pytest.mark.parametrize("tiling", list(TILINGS))
+def test_hsic_kernels_match_dense(n, dx, dz, dtype, kernel, tiling):
+    acc_tol, in_tol = KERNEL_TOL[dtype]
+    x, z, gammas = _hsic_inputs(n, dx, dz, dtype)
+    x64, z64, g64 = _as64(x, z, gammas)
+    with cpu_tuning(**TILINGS[tiling]):
+        sums, rk, rl = CPU.hsic_stats(x, z, gammas, kernel)
+        e_sums, e_rk, e_rl = DENSE.hsic_stats(x64, z64, g64, kernel)
+        assert sums.dtype == rk.dtype == rl.dtype == gammas.dtype
+        assert sums.shape == (3,) and rk.shape == rl.shape == (n,)
+        assert_close(sums, e_sums, acc_tol, "sums")
+        assert_close(rk, e_rk, acc_tol, "rowsum_k")
+        assert_close(rl, e_rl, acc_tol, "rowsum_l")
+
+        gen = torch.Generator().manual_seed(2)
+        g_sums = torch.randn(3, generator=gen, dtype=torch.float64)
+        g_rk = torch.randn(n, generator=gen, dtype=torch.float64)
+        g_rl = torch.randn(n, generator=gen, dtype=torch.float64)
+        acc = gammas.dtype
+        dx_, dz_ = CPU.hsic_stats_backward(g_sums.to(acc), g_rk.to(acc), g_rl.to(acc), x, z, gammas, kernel)
+        e_dx, e_dz = DENSE.hsic_stats_backward(g_sums, g_rk, g_rl, x64, z64, g64, kernel)
+        assert dx_.dtype == dz_.dtype == dtype
+        assert_close(dx_, e_dx, in_tol, "dx")
+        assert_close(dz_, e_dz, in_tol, "dz")
+
+
+def test_hsic_kernels_float16():
+    x, z, gammas = _hsic_inputs(40, 9, 5, torch.float16)
+    x64, z64, g64 = _as64(x, z, gammas)
+    acc_tol, in_tol = KERNEL_TOL[torch.float16]
+    for a, e in zip(CPU.hsic_stats(x, z, gammas, "rbf"), DENSE.hsic_stats(x64, z64, g64, "rbf")):
+        assert_close(a, e, acc_tol)
+    g = (torch.ones(3), torch.ones(40), torch.ones(40))
+    out = CPU.hsic_stats_backward(*g, x, z, gammas, "rbf")
+    expected = DENSE.hsic_stats_backward(*(t.double() for t in g), x64, z64, g64, "rbf")
+    for a, e in zip(out, expected):
+        assert_close(a, e, in_tol)
+
+
+def test_hsic_results_do_not_depend_on_threads():
+    x, z, gammas = _hsic_inputs(150, 7, 4, torch.float64)
+    grads = (torch.ones(3, dtype=torch.float64), torch.ones(150, dtype=torch.float64), torch.zeros(150, dtype=torch.float64))
+    with cpu_tuning(hsic_block=16):
+        with num_threads(1):
+            one = CPU.hsic_stats(x, z, gammas, "rbf") + CPU.hsic_stats_backward(*grads, x, z, gammas, "rbf")
+        two = CPU.hsic_stats(x, z, gammas, "rbf") + CPU.hsic_stats_backward(*grads, x, z, gammas, "rbf")
+    for a, b in zip(one, two):
+        assert_close(a, b, 1e-12)
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def _layout(t, layout):
+    """A leaf holding ``t``'s values in a non-contiguous layout, and the view that maps the leaf (or
+    its gradient) back to ``t``'s shape."""
+    if layout == "contiguous":
+        view = lambda a: a  # noqa: E731
+        leaf = t.clone()
+    elif layout == "transposed":
+        view = lambda a: a.t()  # noqa: E731
+        leaf = t.t().contiguous()
+    else:  # strided: every second element
+        view = lambda a: a[..., 0]  # noqa: E731
+        leaf = torch.stack([t, torch.zeros_like(t)], dim=-1)
+    return leaf.requires_grad_(), view
+
+
+def _run_infonce(backend, q0, k0, tau, layout, weights, **kw):
+    q_leaf, q_view = _layout(q0, layout)
+    k_leaf, k_view = _layout(k0, layout)
+    t = tau.clone().requires_grad_()
+    loss = F.infonce(q_view(q_leaf), k_view(k_leaf), temperature=t, backend=backend, **kw)
+    loss.backward(weights if loss.dim() else None)
+    return loss.detach(), q_view(q_leaf.grad), k_view(k_leaf.grad), t.grad
+
+
+@pytest.mark.parametrize("b,n,d", [(1, 1, 1), (1, 4, 3), (2, 3, 77), (7, 7, 3), (129, 129, 384), (129, 150, 77), (1000, 1000, 3)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_infonce_matches_reference(b, n, d, dtype, reduction, symmetric, normalize):
+    if symmetric:
+        n = b
+    if b >= 1000 and (dtype != torch.float32 or not normalize):
+        pytest.skip("the largest shape only in float32, normalised")
+    acc_tol, in_tol = E2E_TOL[dtype]
+    g = torch.Generator().manual_seed(3)
+    scale = 1.0 if normalize else 0.3
+    q0 = (scale * torch.randn(b, d, generator=g, dtype=torch.float64)).to(dtype)
+    k0 = (scale * torch.randn(n, d, generator=g, dtype=torch.float64)).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tau = torch.tensor(0.07 if normalize else 1.3, dtype=acc)
+    weights = torch.randn(b, generator=g, dtype=torch.float64).to(acc)
+    kw = dict(symmetric=symmetric, reduction=reduction, normalize=normalize)
+    got = _run_infonce("cpu", q0, k0, tau, "contiguous", weights, **kw)
+    ref = _run_infonce("reference", q0, k0, tau, "contiguous", weights, **kw)
+    assert got[0].dtype == ref[0].dtype and got[0].shape == ref[0].shape
+    for name, a, e, tol in zip(("loss", "dq", "dk", "dtemperature"), got, ref, (acc_tol, in_tol, in_tol, in_tol)):
+        assert a.dtype == e.dtype, name
+        assert_close(a, e, tol, name)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_infonce_non_contiguous_inputs(layout, reduction):
+    g = torch.Generator().manual_seed(4)
+    q0, k0 = torch.randn(9, 13, generator=g), torch.randn(11, 13, generator=g)
+    tau, weights = torch.tensor(0.1), torch.randn(9, generator=g)
+    got = _run_infonce("cpu", q0, k0, tau, layout, weights, reduction=reduction)
+    ref = _run_infonce("reference", q0, k0, tau, "contiguous", weights, reduction=reduction)
+    for a, e in zip(got, ref):
+        assert_close(a, e, 1e-4)
+
+
+def _run_hsic(backend, x0, z0, layout, **kw):
+    x_leaf, x_view = _layout(x0, layout)
+    z_leaf, z_view = _layout(z0, layout)
+    value = F.hsic(x_view(x_leaf), z_view(z_leaf), backend=backend, **kw)
+    value.backward()
+    return value.detach(), x_view(x_leaf.grad), z_view(z_leaf.grad)
+
+
+@pytest.mark.parametrize("n,dx,dz", [(2, 3, 1), (3, 1, 2), (65, 77, 5), (513, 16, 384)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_hsic_matches_reference(n, dx, dz, dtype, kernel, normalized):
+    acc_tol, in_tol = E2E_TOL[dtype]
+    x0, z0, _ = _hsic_inputs(n, dx, dz, dtype, seed=5)
+    kw = dict(kernel=kernel, normalized=normalized, gamma="median", gamma_z=0.5 / dz)
+    got = _run_hsic("cpu", x0, z0, "contiguous", **kw)
+    ref = _run_hsic("reference", x0, z0, "contiguous", **kw)
+    assert got[0].dtype == ref[0].dtype
+    # HSIC is a difference of O(n²)-term sums: compare it at the scale of those terms
+    for name, a, e, tol in zip(("hsic", "dx", "dz"), got, ref, (acc_tol, in_tol, in_tol)):
+        assert a.dtype == e.dtype, name
+        assert_close(a, e, tol * (10 if dtype == torch.float32 and name == "hsic" else 1), name)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_hsic_non_contiguous_inputs(layout):
+    x0, z0, _ = _hsic_inputs(21, 6, 4, torch.float64, seed=6)
+    got = _run_hsic("cpu", x0, z0, layout, gamma=0.2, normalized=True)
+    ref = _run_hsic("reference", x0, z0, "contiguous", gamma=0.2, normalized=True)
+    for a, e in zip(got, ref):
+        assert_close(a, e, 1e-9)
+
+
+# -------------------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_infonce_gradcheck(reduction, symmetric, normalize):
+    g = torch.Generator().manual_seed(7)
+    b, n = 4, (4 if symmetric else 6)
+    q = torch.randn(b, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(n, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor(0.6, dtype=torch.float64, requires_grad=True)
+
+    def fn(q, k, t):
+        return F.infonce(q, k, temperature=t, symmetric=symmetric, reduction=reduction, normalize=normalize, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (q, k, t))
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+@pytest.mark.parametrize("normalized", [False, True])
+def test_hsic_gradcheck(kernel, normalized):
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    z = torch.randn(6, 2, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, z):
+        return F.hsic(x, z, gamma=0.4, gamma_z=0.7, kernel=kernel, normalized=normalized, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (x, z))
+
+
+# ----------------------------------------------------------------------------------------- memory
+
+
+def largest_allocation(fn) -> int:
+    """Largest net CPU allocation attributed to a single op while ``fn`` runs, from the profiler's
+    allocator events. One thread, so every allocation (the kernels' scratch tiles and accumulators
+    included) happens on the profiled thread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with num_threads(1), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(e.self_cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("case", ["fused", "backward", "symmetric", "forward"])
+def test_infonce_never_allocates_similarity_matrix(case):
+    b = n = 2048
+    g = torch.Generator().manual_seed(9)
+    q = torch.randn(b, 32, generator=g, requires_grad=case != "forward")
+    k = torch.randn(n, 32, generator=g, requires_grad=case != "forward")
+    kw = dict(symmetric=case == "symmetric", reduction="none" if case == "backward" else "mean")
+
+    def run(backend):
+        def fn():
+            loss = F.infonce(q, k, backend=backend, **kw)
+            if case != "forward":
+                loss.sum().backward()
+
+        return largest_allocation(fn)
+
+    matrix_bytes = b * n * 4
+    assert run("reference") >= matrix_bytes  # the check sees a B×N matrix when there is one
+    assert run("cpu") <= matrix_bytes / 8
+
+
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+def test_hsic_never_allocates_kernel_matrix(kernel):
+    n = 2048
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(n, 32, generator=g, requires_grad=True)
+    z = torch.randn(n, 16, generator=g, requires_grad=True)
+
+    def run(backend):
+        return largest_allocation(lambda: F.hsic(x, z, gamma=0.05, kernel=kernel, normalized=True, backend=backend).backward())
+
+    assert run("reference") >= n * n * 4
+    assert run("cpu") <= n * n * 4 / 8
+
+
+# ------------------------------------------------------------------------ backend registration
+
+
+def test_cpu_backend_is_available_and_chosen_by_auto():
+    assert CPU.unavailable_reason() is None
+    assert {"cpu"} <= {b.name for b in ibkd.backends() if b.available}
+    reference = get_backend("reference")
+    cpu = torch.device("cpu")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert CPU.supports(cpu, dtype) is None
+        for op, shape in (("infonce", (8, 8, 4)), ("hsic", (8, 4, 4))):
+            assert CPU.priority(cpu, dtype, op, shape) > reference.priority(cpu, dtype, op, shape)
+            assert resolve_backend("auto", cpu, dtype, op, shape).name != "reference"
+    assert CPU.supports(torch.device("meta"), torch.float32) is not None
+    assert CPU.supports(torch.device("cpu"), torch.int64) is not None
+
+
+def test_missing_extension_is_reported_not_raised(monkeypatch):
+    import ibkd.backend.cpu as cpu_module
+
+    monkeypatch.setattr(cpu_module, "_C", None)
+    monkeypatch.setattr(cpu_module, "_IMPORT_ERROR", ImportError("No module named 'ibkd._C'"))
+    backend = cpu_module.CPUBackend()  # must not raise
+    reason = backend.unavailable_reason()
+    assert "ibkd._C is not built" in reason and "No module named" in reason and "pip install" in reason
+
+
+def test_kernel_errors_name_the_argument():
+    q, k, c = torch.randn(3, 4), torch.randn(5, 4), torch.tensor(2.0)
+    with pytest.raises(RuntimeError, match="q must be 2-D"):
+        _C.infonce_forward(q[0], k, c, False)
+    with pytest.raises(RuntimeError, match="same feature dimension"):
+        _C.infonce_forward(q, torch.randn(5, 3), c, False)
+    with pytest.raises(RuntimeError, match="N >= B"):
+        _C.infonce_forward(q, k[:2], c, False)
+    with pytest.raises(RuntimeError, match="symmetric"):
+        _C.infonce_forward(q, k, c, True)
+    with pytest.raises(RuntimeError, match="lse must have shape"):
+        _C.infonce_backward(torch.ones(3), q, k, c, torch.zeros(4), False)
+    with pytest.raises(RuntimeError, match="kernel must be"):
+        _C.hsic_stats(q, q, torch.ones(2), "poly")
+    with pytest.raises(RuntimeError, match="same number of rows"):
+        _C.hsic_stats(q, k, torch.ones(2), "rbf")
+    with pytest.raises(RuntimeError, match="unknown setting"):
+        _C.set_cpu_tuning("tile", 4)
