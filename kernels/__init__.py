@@ -77,20 +77,30 @@ def size_bucket(m: int) -> int:
     return triton.next_power_of_2(max(int(m), 1))
 
 
-def prune_by_dim(dim_args):
-    """``early_config_prune`` dropping configs whose feature chunks (BLOCK_D, BLOCK_DO) are wider than
-    the padded feature dimension(s) named in ``dim_args``; always keeps at least one config."""
+def prune_configs(dim_args, rows_arg, cols_arg):
+    """``early_config_prune``: drop configs whose tiles are far larger than the problem — feature
+    chunks wider than the padded feature dimension(s) named in ``dim_args`` (BLOCK_D above
+    max(D, 32), BLOCK_DO above max(D, 64)), row/column tiles above max(rows, 32) / max(cols, 32)
+    (``rows_arg``/``cols_arg`` name the size-bucket arguments). Small problems then compile one or
+    two configs instead of benchmarking all. If nothing is left: the config with the smallest tiles."""
 
     def prune(configs, nargs, **kwargs):
         args = {**nargs, **kwargs}
         widest = max(triton.next_power_of_2(int(args[name])) for name in dim_args)
-        widest = max(widest, 16)  # tl.dot needs K >= 16
+        rows, cols = int(args[rows_arg]), int(args[cols_arg])
         kept = [
             c
             for c in configs
-            if c.kwargs.get("BLOCK_D", 16) <= max(widest, 32) and c.kwargs.get("BLOCK_DO", 16) <= max(widest, 32)
+            if c.kwargs.get("BLOCK_D", 0) <= max(widest, 32)
+            and c.kwargs.get("BLOCK_DO", 0) <= max(widest, 64)
+            and c.kwargs["BLOCK_M"] <= max(rows, 32)
+            and c.kwargs["BLOCK_N"] <= max(cols, 32)
         ]
-        return kept or configs[:1]
+        smallest = min(
+            configs,
+            key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.kwargs.get("BLOCK_DO", 0), c.kwargs.get("BLOCK_D", 0)),
+        )
+        return kept or [smallest]
 
     return prune
 

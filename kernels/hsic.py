@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, acc_type, dot_precision, dot_tile, mma, prune_by_dim, size_bucket
+from . import INTERPRET, acc_type, dot_precision, dot_tile, mma, prune_configs, size_bucket
 
 if INTERPRET:
     _STATS_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 32}, num_warps=1)]
@@ -75,7 +75,7 @@ def _kernel_tile(a_ptr, rows, cols, row_mask, col_mask, D, stride, gamma,
 @triton.autotune(
     configs=_STATS_CONFIGS,
     key=["N_BUCKET", "DX", "DZ"],
-    prune_configs_by={"early_config_prune": prune_by_dim(["DX", "DZ"])},
+    prune_configs_by={"early_config_prune": prune_configs(["DX", "DZ"], "N_BUCKET", "N_BUCKET")},
 )
 @triton.jit
 def _stats_kernel(
@@ -131,7 +131,7 @@ def _stats_kernel(
 @triton.autotune(
     configs=_GRAD_CONFIGS,
     key=["N_BUCKET", "D_OWN", "D_PAR"],
-    prune_configs_by={"early_config_prune": prune_by_dim(["D_OWN"])},
+    prune_configs_by={"early_config_prune": prune_configs(["D_OWN", "D_PAR"], "N_BUCKET", "N_BUCKET")},
 )
 @triton.jit
 def _grad_kernel(

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET, acc_type, dot_precision, dot_tile, mma, prune_by_dim, size_bucket
+from . import INTERPRET, acc_type, dot_precision, dot_tile, mma, prune_configs, size_bucket
 
 if INTERPRET:
     _LSE_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_D": 32}, num_warps=1)]
@@ -71,7 +71,7 @@ else:  # Ampere / Hopper tile shapes; autotuned per (size bucket, D, dtype)
 @triton.autotune(
     configs=_LSE_CONFIGS,
     key=["M_A_BUCKET", "M_B_BUCKET", "D"],
-    prune_configs_by={"early_config_prune": prune_by_dim(["D"])},
+    prune_configs_by={"early_config_prune": prune_configs(["D"], "M_A_BUCKET", "M_B_BUCKET")},
 )
 @triton.jit
 def _lse_kernel(
@@ -124,7 +124,7 @@ def _lse_kernel(
 @triton.autotune(
     configs=_GRAD_CONFIGS,
     key=["M_OWN_BUCKET", "M_OTH_BUCKET", "D"],
-    prune_configs_by={"early_config_prune": prune_by_dim(["D"])},
+    prune_configs_by={"early_config_prune": prune_configs(["D"], "M_OWN_BUCKET", "M_OTH_BUCKET")},
 )
 @triton.jit
 def _grad_kernel(
