@@ -357,6 +357,11 @@ def test_tf32_switch(monkeypatch):
     monkeypatch.setenv("IBKD_TRITON_ALLOW_TF32", "1")
     assert dot_precision(torch.float32) == "tf32"
     assert dot_precision(torch.bfloat16) == "ieee"
+    tb = _triton()  # the kernels take the switch (TF32 products: ~1e-3 relative on a GPU)
+    g = _gen(17)
+    q, k = _rows(5, 40, torch.float32, g), _rows(7, 40, torch.float32, g)
+    c = torch.tensor(10.0, device=DEVICE)
+    close("row_loss tf32", tb.infonce_forward(q, k, c, False)[0], DENSE.infonce_forward(q, k, c, False)[0], 1e-2, 1e-2)
 
 
 # ------------------------------------------------------------------ GPU compilation, without a GPU
