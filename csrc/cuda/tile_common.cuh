@@ -145,7 +145,8 @@ __device__ __forceinline__ void load_tile(T* __restrict__ dst, const T* __restri
       if constexpr ((kLd * sizeof(T)) % 16 == 0) {
         *reinterpret_cast<uint4*>(d) = bits;
       } else {
-        const T* v = reinterpret_cast<const T*>(&bits);
+        T v[kVec];
+        memcpy(v, &bits, sizeof(bits));  // not a pointer cast: that would break strict aliasing
 #pragma unroll
         for (int i = 0; i < kVec; ++i) d[i] = v[i];
       }
