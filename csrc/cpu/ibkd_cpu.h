@@ -19,9 +19,10 @@ namespace cpu {
 
 using at::Tensor;
 
-// Tile sizes, measured on a 2-core AVX-512 box. Exposed to Python (ibkd._C.cpu_tuning() /
+// Tile sizes (defaults chosen by reasoning about cache sizes; not yet swept, because the shared 2-core
+// box was oversubscribed when this was written). Exposed to Python (ibkd._C.cpu_tuning() /
 // set_cpu_tuning(name, value)) so benchmarks can sweep them and tests can force many small tiles;
-// the defaults are what measured fastest.
+// sweep them with a benchmark before changing the defaults.
 struct Tuning {
   // InfoNCE: rows per row block (the logits tile is block_rows × min(N, max_tile_cols)).
   int64_t infonce_block_rows = 128;

@@ -7,9 +7,9 @@
 //   symmetric, per-worker online column statistics (max, Σexp) merged at the end: 1 GEMM.
 // * backward (given lse): recompute the tile, turn it in place into G = ∂loss/∂s (P from the saved
 //   log-sum-exps, minus the positives), then dQ_I += c·G K_J and dK_J += c·Gᵀ Q_I: 3 GEMMs.
-//   dK is accumulated in one N×D buffer per worker (summed in worker order at the end): measured
-//   faster on 2 cores than a second pass over column blocks, which needs a 4th GEMM to recompute
-//   the tiles.
+//   dK is accumulated in one N×D buffer per worker (summed in worker order at the end), which
+//   keeps 3 GEMMs; a second pass over column blocks would avoid the buffers but needs a 4th GEMM
+//   to recompute the tiles (not implemented; not benchmarked against).
 // * fused forward+backward, non-symmetric, N ≤ max_tile_cols: one pass, the tile holds whole
 //   rows, so the exact log-sum-exp is known before P is formed: 3 GEMMs in all. Symmetric needs the
 //   column log-sum-exps of all rows before any gradient, so it is forward then backward: 4 GEMMs.
