@@ -49,7 +49,7 @@ def _extensions():
     if want_cuda and torch.version.cuda is None:
         raise RuntimeError("IBKD_FORCE_CUDA=1 but the installed torch has no CUDA support")
 
-    cxx = ["-O3", "-std=c++17"]
+    cxx = ["-O3"]  # the C++ standard is torch's own choice (C++20 for recent torch)
     define_macros = []
     if want_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
@@ -58,7 +58,7 @@ def _extensions():
             "ibkd._C",
             cpu_sources + cuda_sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
         )
     else:
         ext = CppExtension("ibkd._C", cpu_sources, define_macros=define_macros, extra_compile_args={"cxx": cxx})
