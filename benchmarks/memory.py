@@ -1,15 +1,16 @@
 """Peak extra memory of one forward(+backward), measured in fresh child processes.
 
-CPU: ``ru_maxrss`` is a process-lifetime high-water mark, so one process cannot measure two things.
+CPU: the peak RSS (``VmHWM``; see :func:`_maxrss_bytes` for why not ``ru_maxrss``) is a
+process-lifetime high-water mark, so one process cannot measure two things.
 We start two children that do exactly the same setup — import ibkd, build the inputs (directly in
 their final dtype, no transient copies), run a tiny warm-up of the same op and backend so that code,
 thread pools and allocator arenas are loaded — and then
 
-* the *baseline* child records ``ru_maxrss`` and exits;
-* the *run* child runs the full-size forward(+backward) once and records ``ru_maxrss``.
+* the *baseline* child records its peak RSS and exits;
+* the *run* child runs the full-size forward(+backward) once and records its peak RSS.
 
 Extra memory = run peak − baseline peak: what the call adds on top of its inputs (its outputs, the
-gradients and every temporary). The run child also reports its own pre-run ``ru_maxrss`` and current
+gradients and every temporary). The run child also reports its own pre-run peak and current
 RSS, as a consistency check of the baseline.
 
 CUDA: the caching allocator's counters are exact, so it is measured in-process
@@ -18,6 +19,10 @@ CUDA: the caching allocator's counters are exact, so it is measured in-process
 Usage as a script (what the parent runs)::
 
     python benchmarks/memory.py '{"op": "infonce", "backend": "reference", "size": 4096, "dim": 384}' run
+
+and to re-measure the memory of recorded cases in place::
+
+    python benchmarks/memory.py --remeasure benchmarks/results/cpu-amd-epyc-2c.json reference
 """
 
 from __future__ import annotations
@@ -34,6 +39,20 @@ WARMUP_SIZE = 64
 
 
 def _maxrss_bytes() -> int:
+    """Peak RSS of this process's address space: ``VmHWM`` from /proc/self/status.
+
+    Not ``getrusage().ru_maxrss``: Linux carries the parent's high-water mark over fork+exec into
+    the child's ``ru_maxrss``, so a child spawned from a big pytest process reports the parent's
+    peak (observed: 864 MB in every child, whatever it did). ``VmHWM`` belongs to the address space
+    created by exec, so it starts fresh. ``ru_maxrss`` is used only where /proc is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
@@ -90,7 +109,7 @@ def cpu_extra_memory(case, timeout: float = 1800.0) -> dict:
         "run_child_baseline_maxrss": run["baseline_maxrss"],
         "run_child_baseline_rss": run["baseline_rss"],
         "run_maxrss": run["run_maxrss"],
-        "method": "ru_maxrss(run child) - ru_maxrss(baseline child); same setup + warm-up in both",
+        "method": "VmHWM(run child) - VmHWM(baseline child); same setup + warm-up in both",
     }
 
 
@@ -108,5 +127,29 @@ def cuda_extra_memory(step) -> dict:
     return {"extra_bytes": peak - before, "method": "torch.cuda.max_memory_allocated - memory_allocated before"}
 
 
+def remeasure(results_path: str, backends: list[str]) -> None:
+    """Re-measure the CPU memory of the cases of ``backends`` in a results file, in place (ratios are
+    recomputed). Used when the memory method changes; times are left as they were measured."""
+    sys.path.insert(0, HERE)
+    from bench_common import Case
+    from bench_harness import _targets, _with_ratios
+
+    with open(results_path) as f:
+        doc = json.load(f)
+    fields = {f.name for f in dataclasses.fields(Case)}
+    for c in doc["cases"]:
+        if c["device"] == "cpu" and c["backend"] in backends:
+            c["memory"] = cpu_extra_memory(Case(**{k: c[k] for k in fields}))
+            print(c["id"], c["memory"].get("extra_bytes"), file=sys.stderr)
+    doc["cases"] = _with_ratios(doc["cases"])
+    doc["targets"] = _targets(doc["cases"])
+    with open(results_path + ".tmp", "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(results_path + ".tmp", results_path)
+
+
 if __name__ == "__main__":
-    print(json.dumps(_child(sys.argv[1], sys.argv[2])))
+    if sys.argv[1] == "--remeasure":  # memory.py --remeasure results/x.json reference[,cpu]
+        remeasure(sys.argv[2], sys.argv[3].split(","))
+    else:
+        print(json.dumps(_child(sys.argv[1], sys.argv[2])))

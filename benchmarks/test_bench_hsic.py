@@ -11,7 +11,7 @@ GPU (skipped without CUDA): n ∈ {4096, 16384}, D ∈ {384, 768}, bf16 and fp32
 import pytest
 
 import bench_common as bc
-from conftest import backends_for, record, skip_unless_runnable, time_cpu
+from bench_harness import backends_for, record, skip_unless_runnable, time_cpu
 from memory import cpu_extra_memory
 from test_bench_infonce import _run_gpu_case
 

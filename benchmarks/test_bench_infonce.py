@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import bench_common as bc
-from conftest import backends_for, record, set_extra, skip_unless_runnable, time_cpu, time_cuda
+from bench_harness import backends_for, record, set_extra, skip_unless_runnable, time_cpu, time_cuda
 from memory import cpu_extra_memory, cuda_extra_memory
 
 
