@@ -186,3 +186,14 @@ def test_config_validation():
     assert cfg.stage_defaults() == {"temperature": 0.05, "beta": 0.0, "gamma": 0.1, "projection_dim": 128,
                                     "hsic_layer": "penultimate"}
     assert TrainConfig().stage_defaults()["beta"] == 0.2
+
+
+def test_projection_starts_at_identity_when_dims_match():
+    kw = dict(temperature=1.0, beta=0.2, gamma=1.0, projection_dim=None, hsic_normalize=True, backend="reference")
+    same = DistillObjective("ibkd", 16, 16, **kw)
+    s = torch.randn(4, 16)
+    torch.testing.assert_close(same.ibkd.projection(s), s)
+    random_p = DistillObjective("ibkd", 16, 16, projection_init="random", **kw)
+    assert not torch.allclose(random_p.ibkd.projection(s), s)
+    with pytest.raises(ConfigError, match="projection_init"):
+        TrainConfig.from_dict({"projection_init": "zeros"})
