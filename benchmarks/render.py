@@ -167,7 +167,7 @@ def render(results_dir: str, image_prefix: str = "") -> str:
             out += [extra, ""]
         out += [f"![{stem}]({image_prefix}{stem}.png)", ""]
     out.append("Time: median over the timed rounds (CPU: `time.perf_counter` via pytest-benchmark; "
-               "GPU: CUDA events via `triton.testing.do_bench`). Peak extra memory: CPU, `ru_maxrss` of a "
+               "GPU: CUDA events via `triton.testing.do_bench`). Peak extra memory: CPU, peak RSS (`VmHWM`) of a "
                "child that runs the call minus that of a child that only builds the inputs; GPU, "
                "`torch.cuda.max_memory_allocated` above the allocation before the call. "
                "Ratios are backend / reference for the same case.")
@@ -175,14 +175,18 @@ def render(results_dir: str, image_prefix: str = "") -> str:
 
 
 def replace_section(readme_path: str, body: str) -> None:
+    """Replace the lines between the marker lines (each marker alone on its line, so a marker quoted
+    inside prose or code is left alone)."""
     with open(readme_path) as f:
-        text = f.read()
-    if START not in text or END not in text or text.index(START) > text.index(END):
-        raise SystemExit(f"{readme_path}: needs a {START} … {END} section")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
+        lines = f.read().split("\n")
+    stripped = [line.strip() for line in lines]
+    if START not in stripped or END not in stripped[stripped.index(START):]:
+        raise SystemExit(f"{readme_path}: needs a section between the lines {START} and {END}")
+    start = stripped.index(START)
+    end = stripped.index(END, start)
+    new = lines[: start + 1] + body.rstrip("\n").split("\n") + lines[end:]
     with open(readme_path, "w") as f:
-        f.write(head + START + "\n" + body + END + tail)
+        f.write("\n".join(new))
 
 
 def main(argv=None):
