@@ -141,23 +141,17 @@ def read_sentences(source, column: Optional[str] = None, limit: Optional[int] = 
 
 
 def read_stsb(path):
-    """STS-B tsv → ``(sents1, sents2, scores)``; quoting disabled, extra trailing fields ignored."""
+    """STS-B tsv → ``(sents1, sents2, scores)``; quoting disabled, extra trailing fields ignored.
+    One parser serves training and evaluation (:func:`ibkd.evaluation.load_stsb`); its errors come back
+    here as :class:`DataError`, and sentences are stripped."""
+    from .evaluation import load_stsb
+
     path = _check_file(path)
-    s1, s2, scores = [], [], []
-    with path.open(encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), 1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 7:
-                raise DataError(f"{path}:{lineno}: expected at least 7 tab-separated fields, got {len(row)}")
-            try:
-                score = float(row[4])
-            except ValueError:
-                raise DataError(f"{path}:{lineno}: score {row[4]!r} is not a number") from None
-            s1.append(row[5].strip())
-            s2.append(row[6].strip())
-            scores.append(score)
-    return s1, s2, scores
+    try:
+        s1, s2, scores = load_stsb(path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    return [s.strip() for s in s1], [s.strip() for s in s2], list(scores)
 
 
 def stsb_sentences(path) -> list:
