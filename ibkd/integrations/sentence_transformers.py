@@ -129,7 +129,30 @@ def _load_state(module: nn.Module, path: Union[str, os.PathLike]) -> None:
 # ---------------------------------------------------------------------------------------------
 # stage 1
 # ---------------------------------------------------------------------------------------------
-class IBKDDistillationLoss(nn.Module):
+class _IBKDSentenceLossBase(nn.Module):
+    """What both losses share: saving/loading the learned projection, config and citation."""
+
+    _config: dict
+
+    def _projection_state(self) -> nn.Module:
+        raise NotImplementedError
+
+    def save_projection(self, path: Union[str, os.PathLike]) -> None:
+        """Save the learned projection(s) of the loss (a file, or ``ibkd_projection.pt`` in a folder)."""
+        _save_state(self._projection_state(), path)
+
+    def load_projection(self, path: Union[str, os.PathLike]) -> None:
+        _load_state(self._projection_state(), path)
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return dict(self._config)
+
+    @property
+    def citation(self) -> str:
+        return IBKD_CITATION
+
+
+class IBKDDistillationLoss(_IBKDSentenceLossBase):
     def __init__(
         self,
         model: nn.Module,
@@ -257,25 +280,14 @@ class IBKDDistillationLoss(nn.Module):
         hsic = torch.stack(weighted_hsic).mean()
         return {"infonce": loss - hsic, "hsic": hsic}
 
-    def save_projection(self, path: Union[str, os.PathLike]) -> None:
-        """Save the learned projection(s) of the loss (a file, or ``ibkd_projection.pt`` in a folder)."""
-        _save_state(self.ibkd, path)
-
-    def load_projection(self, path: Union[str, os.PathLike]) -> None:
-        _load_state(self.ibkd, path)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return dict(self._config)
-
-    @property
-    def citation(self) -> str:
-        return IBKD_CITATION
+    def _projection_state(self) -> nn.Module:
+        return self.ibkd
 
 
 # ---------------------------------------------------------------------------------------------
 # stage 2
 # ---------------------------------------------------------------------------------------------
-class IBKDSupervisedLoss(nn.Module):
+class IBKDSupervisedLoss(_IBKDSentenceLossBase):
     def __init__(
         self,
         model: nn.Module,
@@ -382,16 +394,5 @@ class IBKDSupervisedLoss(nn.Module):
         hsic = self.beta * self.hsic(inputs, anchor) if self.beta > 0 else contrastive.new_zeros(())
         return {"infonce": contrastive, "hsic": hsic}
 
-    def save_projection(self, path: Union[str, os.PathLike]) -> None:
-        """Save the learned projection P (a file, or ``ibkd_projection.pt`` in a folder)."""
-        _save_state(self.projection, path)
-
-    def load_projection(self, path: Union[str, os.PathLike]) -> None:
-        _load_state(self.projection, path)
-
-    def get_config_dict(self) -> dict[str, Any]:
-        return dict(self._config)
-
-    @property
-    def citation(self) -> str:
-        return IBKD_CITATION
+    def _projection_state(self) -> nn.Module:
+        return self.projection
