@@ -11,23 +11,15 @@ GPU (skipped without CUDA): n ∈ {4096, 16384}, D ∈ {384, 768}, bf16 and fp32
 import pytest
 
 import bench_common as bc
-from bench_harness import backends_for, record, skip_unless_runnable, time_cpu
-from memory import cpu_extra_memory
-from test_bench_infonce import _run_gpu_case
+from bench_harness import backends_for
+from test_bench_infonce import _run_cpu_case, _run_gpu_case
 
 
 @pytest.mark.parametrize("dim", bc.CPU_HSIC_D)
 @pytest.mark.parametrize("size", bc.CPU_HSIC_N)
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_hsic_cpu(benchmark, backend, size, dim):
-    case = bc.Case("hsic", backend, size, dim, "float32", "fwd+bwd", "cpu")
-    skip_unless_runnable(case)
-    benchmark.group = case.group
-    step, _ = bc.make_step(case)
-    timing = time_cpu(benchmark, step)
-    del step, _
-    memory = cpu_extra_memory(case)
-    record(case, timing, memory)
+    _run_cpu_case(benchmark, bc.Case("hsic", backend, size, dim, "float32", "fwd+bwd", "cpu"))
 
 
 @pytest.mark.gpu

@@ -18,7 +18,11 @@ from memory import cpu_extra_memory, cuda_extra_memory
 @pytest.mark.parametrize("size", bc.CPU_INFONCE_B)
 @pytest.mark.parametrize("backend", backends_for("cpu"))
 def test_infonce_cpu(benchmark, backend, size, dim):
-    case = bc.Case("infonce", backend, size, dim, "float32", "fwd+bwd", "cpu")
+    _run_cpu_case(benchmark, bc.Case("infonce", backend, size, dim, "float32", "fwd+bwd", "cpu"))
+
+
+def _run_cpu_case(benchmark, case):
+    """Time one CPU case with pytest-benchmark, then measure its peak extra memory in a child process."""
     skip_unless_runnable(case)
     benchmark.group = case.group
     step, _ = bc.make_step(case)
