@@ -71,7 +71,8 @@ template <typename S> typename DeviceScalar<S>::type* dev_ptr_mut(Tensor& t) {
 
 // ------------------------------------------------------------------------------------ InfoNCE
 
-std::tuple<Tensor, Tensor> infonce_forward(const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric) {
+// The shape contract of both InfoNCE entry points (the Python layer checks it too; this guards direct calls).
+void check_infonce_operands(const Tensor& q, const Tensor& k, bool symmetric) {
   check_matrix(q, "q");
   check_matrix(k, "k");
   check_same(q, "q", k, "k");
@@ -80,6 +81,11 @@ std::tuple<Tensor, Tensor> infonce_forward(const Tensor& q, const Tensor& k, con
               k.size(1));
   TORCH_CHECK(N >= B, "ibkd cuda backend: k needs at least as many rows as q (N >= B), got N=", N, ", B=", B);
   TORCH_CHECK(!symmetric || N == B, "ibkd cuda backend: symmetric needs N == B, got N=", N, ", B=", B);
+}
+
+std::tuple<Tensor, Tensor> infonce_forward(const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric) {
+  check_infonce_operands(q, k, symmetric);
+  const int64_t B = q.size(0), N = k.size(0), D = q.size(1);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Tensor c = acc_operand(inv_temp, "inv_temp", 1, q);
@@ -101,14 +107,8 @@ std::tuple<Tensor, Tensor> infonce_forward(const Tensor& q, const Tensor& k, con
 
 std::tuple<Tensor, Tensor, Tensor> infonce_backward(const Tensor& grad_rows, const Tensor& q, const Tensor& k,
                                                     const Tensor& inv_temp, const Tensor& lse, bool symmetric) {
-  check_matrix(q, "q");
-  check_matrix(k, "k");
-  check_same(q, "q", k, "k");
+  check_infonce_operands(q, k, symmetric);
   const int64_t B = q.size(0), N = k.size(0), D = q.size(1);
-  TORCH_CHECK(k.size(1) == D, "ibkd cuda backend: q and k must have the same feature dimension, got ", D, " and ",
-              k.size(1));
-  TORCH_CHECK(N >= B, "ibkd cuda backend: k needs at least as many rows as q (N >= B), got N=", N, ", B=", B);
-  TORCH_CHECK(!symmetric || N == B, "ibkd cuda backend: symmetric needs N == B, got N=", N, ", B=", B);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const Tensor c = acc_operand(inv_temp, "inv_temp", 1, q);
