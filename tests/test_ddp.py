@@ -55,6 +55,9 @@ def _worker(rank, world, port, model_dir, stage, chunk, result_path):
     try:
         loss, grads = _loss_and_grads(_trainer(model_dir, stage, chunk, result_path + ".out"))
         torch.save({"loss": loss, "grads": grads}, f"{result_path}.{rank}")
+        # both ranks leave their collectives before either tears gloo down (a rank destroying the group while
+        # the other still has gloo work in flight aborted once: "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
