@@ -1,8 +1,9 @@
-"""Command line: ``ibkd distill | finetune | eval | cache-teacher``.
+"""Command line: ``ibkd distill | finetune | eval | cache-teacher | compress-embeddings | reproduce``.
 
 Settings come from a YAML config (``--config``; keys are the fields of :class:`ibkd.train.TrainConfig`),
 then flags override them (``--set key=value`` for any field). Bad input — a missing file, an unknown
-key, a bad value — is reported as one line on stderr with exit code 2, never a traceback.
+key, a bad value — is reported as one line on stderr with exit code 2, never a traceback
+(``IBKD_TRACEBACK=1`` shows it, for debugging).
 """
 
 from __future__ import annotations
@@ -27,8 +28,21 @@ FLAGS = {
 }
 
 
+# subcommands whose module defines add_arguments(parser) and run_cli(args) -> exit code
+EXTRA_COMMANDS = (
+    ("compress-embeddings", "embedding", "distill the teacher's word-embedding table into a small one (Mou et al. 2016)"),
+    ("reproduce", "reproduce", "regenerate the paper's comparison (teacher, baselines, IBKD, compact student)"),
+)
+
+
 class UsageError(Exception):
     pass
+
+
+def _extra_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"ibkd.{name}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +58,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--resume", action="store_true", default=None, help="continue from <output>/checkpoint-last.pt")
         p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field (YAML value)")
+    for name, module, help_text in EXTRA_COMMANDS:
+        p = sub.add_parser(name, help=help_text)
+        try:
+            _extra_module(module).add_arguments(p)
+        except ImportError as exc:  # reported when the command is used, never at parse time of the others
+            p.set_defaults(_import_error=f"{name} is unavailable: {exc}")
     p = sub.add_parser("eval", help="STS-B dev/test Spearman of a saved encoder")
     p.add_argument("model", help="model folder or hub id ('default' = the offline teacher)")
     p.add_argument("--data-dir", default=None)
@@ -172,11 +192,16 @@ def main(argv=None) -> int:
     try:
         if args.command == "eval":
             return _cmd_eval(args)
+        extra = {name: module for name, module, _ in EXTRA_COMMANDS}
+        if args.command in extra:
+            if getattr(args, "_import_error", None):
+                raise UsageError(args._import_error)
+            return _extra_module(extra[args.command]).run_cli(args)
         if args.command == "cache-teacher":
             return _cmd_cache(args)
         return _cmd_train(args)
-    except (UsageError, ConfigError, DataError, FileNotFoundError, TypeError) as exc:
-        if isinstance(exc, TypeError) and "TrainConfig" not in str(exc):
+    except (UsageError, ConfigError, DataError, FileNotFoundError, TypeError, ValueError) as exc:
+        if isinstance(exc, TypeError) and "TrainConfig" not in str(exc) or os.environ.get("IBKD_TRACEBACK"):
             raise
         print(f"ibkd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

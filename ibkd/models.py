@@ -379,6 +379,23 @@ _TINY_WORDS = (
 ).split()
 
 
+def _word_level_bert_tokenizer(tokenizer_class, vocab: list, vocab_file: Path):
+    """A fast BERT tokenizer over ``vocab``. transformers 5 ignores ``vocab_file`` in the constructor (every
+    word became [UNK]) and takes ``vocab=`` instead; transformers 4 reads ``vocab_file``. Use whichever
+    one actually knows the words."""
+    probe = vocab[-1]
+    try:
+        tokenizer = tokenizer_class(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+        if tokenizer.convert_tokens_to_ids(probe) == len(vocab) - 1:
+            return tokenizer
+    except TypeError:
+        pass
+    tokenizer = tokenizer_class(vocab_file=str(vocab_file), do_lower_case=True)
+    if tokenizer.convert_tokens_to_ids(probe) != len(vocab) - 1:
+        raise RuntimeError("could not build a word-level BERT tokenizer with this transformers version")
+    return tokenizer
+
+
 def make_tiny_bert(path: Union[str, Path], *, hidden_size: int = 32, num_layers: int = 3, num_heads: int = 2,
                    intermediate_size: int = 64, dropout: float = 0.0, seed: int = 0, pooling: str = "mean",
                    max_length: int = 32) -> Path:
@@ -389,7 +406,7 @@ def make_tiny_bert(path: Union[str, Path], *, hidden_size: int = 32, num_layers:
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "!", "?"] + list(_TINY_WORDS)
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"), do_lower_case=True)
+    tokenizer = _word_level_bert_tokenizer(BertTokenizerFast, vocab, path / "vocab.txt")
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=num_layers,
                         num_attention_heads=num_heads, intermediate_size=intermediate_size,
                         max_position_embeddings=64, hidden_dropout_prob=dropout,
