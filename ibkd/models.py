@@ -140,6 +140,8 @@ class Encoder(nn.Module):
         normalisation default to what the folder's sentence-transformers config says, else mean / off."""
         from transformers import AutoModel, AutoTokenizer
 
+        from . import compact_modeling  # noqa: F401  registers the compact student's model type with AutoModel
+
         path = resolve_model_path(spec)
         st_mode, st_norm, st_len = _read_st_pooling(path)
         kwargs = dict(local_files_only=_offline())
