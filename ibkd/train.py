@@ -75,6 +75,7 @@ class TrainConfig:
     student: Optional[str] = None
     student_layers: Any = None
     fresh_student: Optional[dict] = None
+    compact_embeddings: Optional[str] = None  # table folder (ibkd.embedding.save_small_table): factorized student
     pooling: Optional[str] = None
     normalize: Optional[bool] = None
     max_length: int = 128
@@ -156,6 +157,10 @@ class TrainConfig:
         need(self.lr > 0, "lr must be positive")
         if self.grad_cache_chunk is not None:
             need(isinstance(self.grad_cache_chunk, int) and self.grad_cache_chunk > 0, "grad_cache_chunk must be a positive int")
+        if self.compact_embeddings:
+            need(self.student_layers not in (None, "") and not self.student and not self.fresh_student,
+                 "compact_embeddings needs student_layers (the teacher layers the compact student keeps), "
+                 "not student or fresh_student")
 
     def resolve_path(self, value: Optional[str]) -> Optional[str]:
         if value is None:
@@ -757,6 +762,21 @@ def setup_distributed(cfg: TrainConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def _compact_student(student: Encoder, teacher: Encoder, folder: str) -> Encoder:
+    """The layer-subset ``student`` with its word embeddings factorized through the table in ``folder``
+    (up-projection fitted by least squares; :mod:`ibkd.compact`)."""
+    from .compact import factorize_student, load_compact_table
+
+    try:
+        table, meta = load_compact_table(folder, teacher.tokenizer, vocab_size=teacher.config.vocab_size)
+    except (FileNotFoundError, ValueError) as exc:  # DataError is a ValueError too
+        raise ConfigError(f"compact_embeddings: {exc}") from None
+    compact = factorize_student(student, table, up_init="lstsq")
+    log.info("compact student: %d x %d table from %s (%s)", table.shape[0], table.shape[1], folder,
+             meta.get("method", "unknown method"))
+    return compact
+
+
 def build_run(cfg: TrainConfig, device=None) -> Trainer:
     """Load models and data for ``cfg`` and return a ready :class:`Trainer`."""
     from .teacher_cache import build_teacher_cache, load_teacher_matrix
@@ -779,6 +799,8 @@ def build_run(cfg: TrainConfig, device=None) -> Trainer:
     student = build_student(teacher, student=cfg.resolve_path(cfg.student) if cfg.student else None,
                             layers=cfg.student_layers, fresh=cfg.fresh_student, pooling=cfg.pooling,
                             normalize=cfg.normalize, max_length=cfg.max_length, seed=cfg.seed)
+    if cfg.compact_embeddings:
+        student = _compact_student(student, teacher, cfg.resolve_path(cfg.compact_embeddings))
     data = None
     if cfg.stage == "distill":
         if not cfg.corpus:
