@@ -11,6 +11,8 @@ layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in
 * :func:`build_compact_student` / :func:`factorize_student` — build it (from the teacher, or from an already
   built layer-subset student).
 * :func:`lstsq_up_projection` — the least-squares initialisation.
+* :func:`pca_table` — a baseline table: the teacher's word embeddings projected on their top principal
+  directions (not embedding distillation; with it the lstsq start is the best rank-d fit of E).
 * :func:`load_compact_table` — read and check a table folder against a tokenizer.
 * :func:`parameter_count`, :func:`bert_parameter_count` (closed form), :func:`parameter_table`.
 """
@@ -97,6 +99,18 @@ def lstsq_up_projection(small_table: torch.Tensor, target: torch.Tensor) -> tupl
     # gelsd (SVD) copes with rank deficiency and with more unknowns than rows.
     solution = torch.linalg.lstsq(a, target.detach().double().cpu(), driver="gelsd").solution  # (d+1, H)
     return solution[:-1].T.float().contiguous(), solution[-1].float().contiguous()
+
+
+def pca_table(embedding_matrix: torch.Tensor, d_small: int) -> torch.Tensor:
+    """``(E - mean) @ V_d``: the centred rows of ``embedding_matrix`` on its top ``d_small`` principal
+    directions (float64 SVD; float32 result). A baseline table, not a distilled one."""
+    if embedding_matrix.dim() != 2 or not 1 <= d_small <= min(embedding_matrix.shape):
+        raise ValueError(f"d_small must be in 1..{min(embedding_matrix.shape)} for a matrix of shape "
+                         f"{tuple(embedding_matrix.shape)}, got {d_small}")
+    centred = embedding_matrix.detach().double().cpu()
+    centred = centred - centred.mean(0)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[:d_small].T).float()
 
 
 def _check_table(small_table, vocab_size: int) -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ibkd.compact import (FACTORIZED_KEYS, bert_parameter_count, build_compact_student, factorize_student,
-                          load_compact_table, lstsq_up_projection, parameter_count, parameter_table)
+                          load_compact_table, lstsq_up_projection, parameter_count, parameter_table, pca_table)
 from ibkd.compact_modeling import CompactBertConfig, CompactBertModel
 from ibkd.models import Encoder, make_tiny_bert, subset_layers
 from ibkd.train import CHECKPOINT_NAME, ConfigError, TrainConfig, build_run, run
@@ -121,6 +121,19 @@ def test_lstsq_is_the_least_squares_solution(teacher):
     # normal equations: the residual is orthogonal to every column of [T 1]
     design = torch.cat([table, torch.ones(len(table), 1)], 1).double()
     assert (design.T @ residual).abs().max() < 1e-4
+
+
+def test_pca_table_gives_the_best_rank_d_fit(teacher):
+    e = teacher.model.embeddings.word_embeddings.weight.detach().double()
+    d = 5
+    table = pca_table(e, d)
+    assert table.shape == (e.shape[0], d)
+    w, b = lstsq_up_projection(table, e)
+    residual = ((table.double() @ w.double().T + b.double()) - e).pow(2).sum()
+    singular = torch.linalg.svdvals(e - e.mean(0))
+    torch.testing.assert_close(residual, singular[d:].pow(2).sum(), rtol=1e-4, atol=1e-6)  # Eckart-Young
+    with pytest.raises(ValueError, match="d_small"):
+        pca_table(e, e.shape[1] + 1)
 
 
 def test_random_up_init_is_seeded(teacher):
