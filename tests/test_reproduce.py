@@ -1,0 +1,332 @@
+"""``ibkd reproduce`` end to end on a tiny random BERT, a tiny corpus and tiny STS-B-format files: the
+same code path as the real run (every row through ``ibkd.train.run``), never the shared data or the real
+teacher."""
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+import statistics
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ibkd import reproduce
+from ibkd.models import make_tiny_bert
+
+WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
+SEEDS = [1, 2, 3]
+README_TEXT = """# project
+
+intro line, must survive
+<!-- reproduce:start -->
+old reproduce section
+<!-- reproduce:end -->
+
+middle text `<!-- reproduce:start -->` quoted inline stays
+<!-- embedding:start -->
+old embedding section
+<!-- embedding:end -->
+tail line
+"""
+
+
+def _sentence(rng):
+    return " ".join(rng.choice(WORDS, size=rng.integers(3, 8)))
+
+
+def _write_sts(path, n, seed):
+    rng = np.random.default_rng(seed)
+    lines = [f"main-captions\tMSRvid\t2012test\t{i:04d}\t{rng.uniform(0, 5):.3f}\t{_sentence(rng)}\t{_sentence(rng)}"
+             for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    teacher = make_tiny_bert(root / "teacher", num_layers=3, hidden_size=32, dropout=0.0)
+    data = root / "data"
+    (data / "wiki").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    (data / "wiki" / "wiki_sentences.txt").write_text("\n".join(_sentence(rng) for _ in range(48)) + "\n")
+    sts = data / "sts" / "stsbenchmark"
+    sts.mkdir(parents=True)
+    for split, n, seed in (("train", 40, 1), ("dev", 24, 2), ("test", 24, 3)):
+        _write_sts(sts / f"sts-{split}.csv", n, seed)
+    spec = {
+        "output": str(root / "out"),
+        "results": str(root / "results" / "reproduce-tiny.json"),
+        "readme": str(root / "README.md"),
+        "num_threads": 1,
+        "seeds": SEEDS,
+        "eval_batch_size": 16,
+        "common": {"teacher": str(teacher), "student_layers": "0,2", "data_dir": str(data),
+                   "corpus": "{data_dir}/wiki/wiki_sentences.txt",
+                   "extra_stsb_sentences": "{data_dir}/sts/stsbenchmark/sts-train.csv", "max_length": 16,
+                   "batch_size": 8, "max_steps": 2, "lr": 1e-3, "temperature": 1.0, "beta": 0.2, "gamma": 1.0,
+                   "save_steps": 100, "plot": False, "progress": False, "device": "cpu"},
+        "sweep": {"select_by": "dev", "settings": [
+            {"name": "unit-g1-b0.2", "beta": 0.2, "gamma": 1.0, "hsic_normalize": True},
+            {"name": "raw-gmed-b100", "beta": 100, "gamma": "median", "hsic_normalize": False}]},
+        "finetune": {"min_score": 2.0, "batch_size": 4, "max_steps": 2, "lr": 1e-4, "device": "cpu",
+                     "progress": False, "plot": False},
+        "compact": {"enabled": True, "table": {"d_small": 8, "epochs": 1}},
+        "embedding_comparison": {"enabled": True, "sizes": [8], "seeds": [0, 1], "overrides": {"epochs": 1, "lr_grid": [0.01], "reference": False}},
+        "gpu_timing": {"enabled": True, "batches": [4]},
+    }
+    return root, spec
+
+
+def write_config(root, spec, name="reproduce.yaml"):
+    path = root / name
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+def cli(argv):
+    """Run ``ibkd reproduce`` with ``argv``; returns (exit code, stdout, stderr)."""
+    parser = argparse.ArgumentParser()
+    reproduce.add_arguments(parser)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = reproduce.run_cli(parser.parse_args(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reproduced(workspace):
+    root, spec = workspace
+    (root / "README.md").write_text(README_TEXT)
+    config = write_config(root, spec)
+    code, out, err = cli(["--config", config, "--no-progress"])
+    assert code == 0, err
+    doc = json.loads((root / "results" / "reproduce-tiny.json").read_text())
+    return root, spec, config, doc, out
+
+
+def _embedding_available():
+    return reproduce.embedding_module() is not None
+
+
+def test_results_schema(reproduced):
+    root, spec, _, doc, _ = reproduced
+    assert doc["schema"] == reproduce.SCHEMA
+    for key in ("environment", "settings", "summary", "targets", "sweep", "embedding", "gpu_timing", "rows",
+                "wall_seconds", "compute_seconds"):
+        assert key in doc, key
+    assert doc["environment"]["torch"] == torch.__version__
+    assert doc["environment"]["command"].startswith("ibkd reproduce --config")
+    names = {r["name"] for r in doc["rows"]}
+    chosen = doc["sweep"]["chosen"]
+    expected = ({"teacher", "none", "contrastive-s1", "ibkd-finetune", "compact-table", "compact-ibkd",
+                 "embedding-comparison", "sweep-unit-g1-b0.2", "sweep-raw-gmed-b100"}
+                | {f"mse-s{s}" for s in SEEDS} | {f"ibkd-s{s}" for s in SEEDS[1:]})
+    assert names == expected
+    assert chosen in {"sweep-unit-g1-b0.2", "sweep-raw-gmed-b100"}
+    sweep_devs = {r["name"]: r["dev_spearman"] for r in doc["rows"] if r["group"] == "sweep"}
+    assert sweep_devs[chosen] == max(sweep_devs.values())  # chosen by dev
+    for r in doc["rows"]:
+        if r["name"] in ("compact-table", "compact-ibkd", "embedding-comparison") and r["status"] != "done":
+            assert r["status"] == "skipped" and r["reason"]
+            continue
+        assert r["status"] == "done", (r["name"], r.get("reason"))
+        if r["kind"] in ("teacher", "train"):
+            for key in ("dev_spearman", "test_spearman", "sentences_per_second"):
+                assert isinstance(r[key], float) and np.isfinite(r[key]), (r["name"], key)
+            assert r["parameters"] > 0 and r["embedding_dim"] == 32
+        if r["kind"] == "train" and r["group"] != "none":
+            assert r["steps"] == 2 and r["train_seconds"] > 0
+            curve = r["curve"]
+            assert curve["step"] == [1, 2]
+            terms = {"mse": {"mse"}, "contrastive": {"infonce"}}.get(r["group"], {"infonce", "hsic"})
+            for term in terms:
+                assert len(curve[term]) == 2 and len(curve[f"grad_norm_{term}"]) == 2, (r["name"], term)
+    student_rows = [r for r in doc["rows"] if r["kind"] == "train"]
+    teacher = next(r for r in doc["rows"] if r["name"] == "teacher")
+    assert all(r["parameters"] < teacher["parameters"] for r in student_rows if r["group"] != "compact")
+    # only finished rows' results sit on disk; checkpoints are removed, students kept
+    mse1 = root / "out" / "mse-s1"
+    assert (mse1 / "result.json").is_file() and (mse1 / "final" / "config.json").is_file()
+    assert not (mse1 / "checkpoint-last.pt").exists()
+    assert doc["gpu_timing"]["status"] == ("skipped" if not torch.cuda.is_available() else "done")
+    if _embedding_available():
+        assert "rows" in doc["embedding"]
+
+
+def test_seed_rows_are_aggregated_as_mean_and_sample_std(reproduced):
+    _, _, _, doc, _ = reproduced
+    by = {line["row"]: line for line in doc["summary"]}
+    assert {"teacher", "none", "mse", "contrastive", "ibkd", "finetune"} <= set(by)
+    mse = [r["test_spearman"] for r in doc["rows"] if r["group"] == "mse"]
+    assert len(mse) == 3
+    assert by["mse"]["test_spearman"]["mean"] == pytest.approx(statistics.fmean(mse))
+    assert by["mse"]["test_spearman"]["std"] == pytest.approx(statistics.stdev(mse))
+    ibkd = {r["seed"]: r["dev_spearman"] for r in doc["rows"]
+            if r["group"] == "ibkd" or r["name"] == doc["sweep"]["chosen"]}
+    assert sorted(ibkd) == SEEDS
+    assert by["ibkd"]["dev_spearman"]["values"] == [ibkd[s] for s in SEEDS]
+    assert by["ibkd"]["runs"][0] == doc["sweep"]["chosen"]  # seed 1 of the IBKD row is the sweep's own run
+    t = doc["targets"]
+    assert t["ibkd_minus_mse"] == pytest.approx(by["ibkd"]["test_spearman"]["mean"] - by["mse"]["test_spearman"]["mean"])
+    assert by["contrastive"]["test_spearman"]["std"] is None  # one seed: no std
+
+
+def test_printed_table_is_the_written_one_and_readme_changes_only_between_markers(reproduced):
+    root, _, _, doc, out = reproduced
+    md = (root / "results" / "reproduce-tiny.md").read_text()
+    assert (root / "results" / "reproduce-tiny.png").stat().st_size > 1000
+    readme = (root / "README.md").read_text()
+    before = README_TEXT.split("\n")
+    after = readme.split("\n")
+    start, end = after.index("<!-- reproduce:start -->"), after.index("<!-- reproduce:end -->")
+    estart, eend = after.index("<!-- embedding:start -->"), after.index("<!-- embedding:end -->")
+    assert after[:start + 1] == before[:before.index("<!-- reproduce:start -->") + 1]
+    assert after[end:estart + 1] == before[before.index("<!-- reproduce:end -->"):before.index("<!-- embedding:start -->") + 1]
+    assert after[eend:] == before[before.index("<!-- embedding:end -->"):]
+    section = "\n".join(after[start + 1:end])
+    assert "| student, MSE |" in section and "old reproduce section" not in section
+    assert section.strip() in out  # the README shows exactly what was printed
+    assert section.replace("results/reproduce-tiny.png", "reproduce-tiny.png").strip() in md  # image path aside
+    assert "![loss curves and β sweep](results/reproduce-tiny.png)" in section
+    esection = "\n".join(after[estart + 1:eend])
+    assert "Compact factorized student" in esection and esection.strip() in out
+    assert "| student, IBKD |" in section and " ± " in section
+
+
+def test_students_load_with_sentence_transformers(reproduced):
+    sentence_transformers = pytest.importorskip("sentence_transformers")
+    _, _, _, doc, _ = reproduced
+    row = next(r for r in doc["rows"] if r["name"] == doc["sweep"]["chosen"])
+    model = sentence_transformers.SentenceTransformer(row["student"], device="cpu")
+    assert model.encode(["a man plays guitar", "the dog runs"]).shape == (2, 32)
+
+
+def test_rerun_skips_finished_rows_even_after_moving_the_folder(reproduced, monkeypatch):
+    root, spec, config, doc, _ = reproduced
+    moved = root / "moved-out"
+    shutil.copytree(root / "out", moved)
+
+    def no_training(cfg):
+        raise AssertionError(f"row retrained: {cfg.output}")
+
+    monkeypatch.setattr("ibkd.train.run", no_training)
+    code, out, err = cli(["--config", config, "--output", str(moved), "--results", str(root / "rerun.json"),
+                          "--readme", "none", "--no-progress"])
+    assert code == 0, err
+    rerun = json.loads((root / "rerun.json").read_text())
+    for old, new in zip(doc["rows"], rerun["rows"]):
+        assert new["name"] == old["name"] and new["status"] == old["status"]
+        if new["status"] == "done":
+            assert new["reused"] and new.get("dev_spearman") == old.get("dev_spearman")
+    assert rerun["summary"] == doc["summary"] or [l["row"] for l in rerun["summary"]] == [l["row"] for l in doc["summary"]]
+
+
+def test_changed_settings_rerun_only_the_rows_they_touch(reproduced, monkeypatch):
+    root, spec, _, _, _ = reproduced
+    work = root / "changed-out"
+    shutil.copytree(root / "out", work)
+    (work / "mse-s2" / "result.json").unlink()  # as if the run had crashed in this row
+    changed = {**spec, "finetune": {**spec["finetune"], "lr": 5e-5}}
+    config = write_config(root, changed, "changed.yaml")
+    import ibkd.train
+
+    ran, real_run = [], ibkd.train.run
+    monkeypatch.setattr("ibkd.train.run", lambda cfg: ran.append(cfg.output.split("/")[-1]) or real_run(cfg))
+    code, _, err = cli(["--config", config, "--output", str(work), "--results", str(root / "changed.json"),
+                        "--readme", "none", "--no-progress"])
+    assert code == 0, err
+    assert sorted(ran) == ["ibkd-finetune", "mse-s2"]
+
+
+def test_render_only_rewrites_the_sections_from_the_json(reproduced):
+    root, _, config, _, _ = reproduced
+    readme = root / "README.md"
+    rendered = readme.read_text()
+    readme.write_text(reproduce.replace_between(rendered, reproduce.REPRODUCE_MARKERS, "stale"))
+    code, out, err = cli(["--config", config, "--render-only"])
+    assert code == 0, err
+    assert readme.read_text() == rendered
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda s: s.update(bogus=1), "unknown key(s) in"),
+    (lambda s: s["common"].update(batchsize=8), "batchsize"),
+    (lambda s: s["common"].update(seed=3), "seed set by the reproduce plan"),
+    (lambda s: s["sweep"]["settings"][0].update(betta=1.0), "betta"),
+    (lambda s: s["sweep"]["settings"].append(dict(s["sweep"]["settings"][0])), "duplicate sweep setting"),
+    (lambda s: s["common"].update(lr=-1.0), "lr must be positive"),
+    (lambda s: s["finetune"].update(batch_size=1), "batch_size must be at least 2"),
+    (lambda s: s.update(seeds=[1, 1]), "seeds must be"),
+    (lambda s: s["compact"].update(table={"activation": "tanh"}), "compact.table.d_small"),
+    (lambda s: s["embedding_comparison"].update(size=[8]), "embedding_comparison"),
+])
+def test_bad_config_is_a_clear_error_before_any_training(workspace, monkeypatch, mutate, message):
+    root, spec = workspace
+    bad = json.loads(json.dumps(spec))
+    bad["output"] = str(root / "bad-out")
+    mutate(bad)
+    monkeypatch.setattr("ibkd.train.run", lambda cfg: pytest.fail("trained despite a bad config"))
+    code, _, err = cli(["--config", write_config(root, bad, "bad.yaml"), "--readme", "none", "--no-progress"])
+    assert code == 2
+    assert message in err and err.startswith("ibkd: error:") and "Traceback" not in err
+
+
+def test_bad_rows_and_missing_files(workspace):
+    root, spec = workspace
+    config = write_config(root, spec, "ok.yaml")
+    code, _, err = cli(["--config", config, "--rows", "mse,bogus"])
+    assert code == 2 and "bogus" in err
+    code, _, err = cli(["--config", str(root / "missing.yaml")])
+    assert code == 2 and "config file not found" in err
+    code, _, err = cli(["--config", config, "--results", str(root / "none.json"), "--render-only"])
+    assert code == 2 and "no results file" in err
+
+
+def test_rows_option_runs_only_the_requested_groups(workspace, monkeypatch):
+    root, spec = workspace
+    only = json.loads(json.dumps(spec))
+    only["output"] = str(root / "rows-out")
+    ran = []
+    import ibkd.train
+
+    real_run = ibkd.train.run
+    monkeypatch.setattr("ibkd.train.run", lambda cfg: ran.append(cfg.output.split("/")[-1]) or real_run(cfg))
+    code, out, err = cli(["--config", write_config(root, only, "rows.yaml"), "--rows", "none,mse",
+                          "--results", str(root / "rows.json"), "--readme", "none", "--no-progress"])
+    assert code == 0, err
+    assert sorted(ran) == ["mse-s1", "mse-s2", "mse-s3", "none"]
+    doc = json.loads((root / "rows.json").read_text())
+    status = {r["name"]: r["status"] for r in doc["rows"]}
+    assert status["teacher"] == "not run" and status["mse-s2"] == "done"
+    assert "| student, MSE |" in out
+
+
+def test_quick_section_is_merged_over_the_config(tmp_path):
+    spec = reproduce.load_spec(str(reproduce.REPO_ROOT / reproduce.DEFAULT_CONFIG), quick=True)
+    assert spec["quick"] and spec["common"]["max_steps"] == 3 and spec["common"]["teacher"] == "default"
+    assert [s["name"] for s in spec["sweep"]["settings"]] == ["unit-g1-b0.2", "unit-g1-b200"]
+    assert spec["readme"] is None and spec["sts_limit"] == 200
+    full = reproduce.load_spec(str(reproduce.REPO_ROOT / reproduce.DEFAULT_CONFIG))
+    assert full["common"]["max_steps"] == 40 and len(full["sweep"]["settings"]) == 8 and not full["quick"]
+
+
+def test_gpu_timing_hook_runs_the_step_on_cpu(workspace):
+    # the GPU hook itself is skipped without CUDA; its timing function runs on any device
+    _, spec = workspace
+    rows = reproduce.time_distill_steps(spec["common"]["teacher"], "0,2", [4], backends=("reference",),
+                                        device="cpu", amp="off", max_length=16, warmup=1, steps=1)
+    assert rows[0]["status"] == "ok" and rows[0]["median_s"] > 0 and rows[0]["resolved_backend"] == "reference"
+
+
+def test_choice_and_statistics_helpers():
+    recs = [{"name": "a", "status": "done", "dev_spearman": 1.0}, {"name": "b", "status": "done", "dev_spearman": 2.0},
+            {"name": "c", "status": "done", "dev_spearman": 2.0}, {"name": "d", "status": "skipped"}]
+    assert reproduce.choose(recs)["name"] == "b"  # ties: the earlier setting
+    assert reproduce.choose([recs[-1]]) is None
+    assert reproduce.mean_std([3.0]) == {"mean": 3.0, "std": None, "n": 1, "values": [3.0]}
+    with pytest.raises(reproduce.ReproduceError, match="no line"):
+        reproduce.replace_between("text\n", reproduce.REPRODUCE_MARKERS, "x")
