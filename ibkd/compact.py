@@ -146,7 +146,8 @@ def factorize_student(student: Encoder, small_table: torch.Tensor, *, up_init: s
     values = {k: v for k, v in model.config.to_dict().items()
               if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
     config = CompactBertConfig(embedding_dim=int(small_table.shape[1]), **values)
-    config._attn_implementation = model.config._attn_implementation
+    if getattr(model.config, "_attn_implementation", None):  # keep the teacher's attention kernel (eager/sdpa)
+        config._attn_implementation = model.config._attn_implementation
     compact = CompactBertModel(config)
     state = {k: v for k, v in model.state_dict().items()
              if k != "embeddings.word_embeddings.weight" and not k.startswith("pooler.")}
