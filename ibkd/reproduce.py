@@ -333,6 +333,7 @@ def phase_two_rows(ctx: Context, chosen: Row) -> list[Row]:
                                            "compact_embeddings": str(ctx.output / "compact-table" / "table")},
                               hash_extra={**parent, "table_hash": table.config_hash()})
         student.info["d_small"] = table_cfg["d_small"]
+        student.info["needs"] = ["compact-table"]
         rows.append(student)
     return rows
 
@@ -412,19 +413,21 @@ def finished_result(folder: Path, config_hash: str) -> Optional[dict]:
 
 
 def evaluate_encoder(encoder, sts: dict, batch_size: int) -> dict:
-    """STS-B dev/test Spearman ×100, parameter count, output dim and encode throughput (sentences per
-    second over both splits; includes tokenization, measured on whatever else the machine is doing)."""
+    """STS-B dev/test Spearman ×100, parameter count, output dim and encode throughput.
+
+    Throughput (sentences per second, tokenization included) is the better of the two passes: the first
+    pass also pays one-off warm-up, and on a shared machine the slower pass mostly measures the others."""
     from .evaluation import evaluate_sts
 
-    out, sentences, seconds = {}, 0, 0.0
+    out, per_split = {}, {}
     for split in ("dev", "test"):
         res = evaluate_sts(encoder.encode, sts[split], batch_size=batch_size, name=f"stsb-{split}")
         out[f"{split}_spearman"] = float(res["spearman"])
         out["parameters"], out["embedding_dim"] = res["parameters"], res["embedding_dim"]
-        sentences += res["sentences_encoded"]
-        seconds += res["encode_seconds"]
-    out["sentences_per_second"] = sentences / seconds if seconds > 0 else None
-    out["eval_sentences"] = sentences
+        per_split[split] = res["sentences_per_second"]
+    rates = [r for r in per_split.values() if isinstance(r, (int, float)) and r > 0 and not math.isnan(r)]
+    out["sentences_per_second"] = max(rates) if rates else None
+    out["sentences_per_second_by_split"] = per_split
     return out
 
 
@@ -587,13 +590,18 @@ def skip_reason(row: Row) -> Optional[str]:
     return None
 
 
-def execute(row: Row, ctx: Context, *, index: str = "") -> dict:
-    """Run ``row`` unless its finished result (same settings) is on disk; returns the row record."""
+def execute(row: Row, ctx: Context, *, index: str = "", records: Optional[dict] = None) -> dict:
+    """Run ``row`` unless its finished result (same settings) is on disk; returns the row record. A row
+    that raises is recorded as failed (its partial folder and checkpoint are kept for the rerun) and the
+    plan goes on."""
     folder = ctx.output / row.name
     h = row.config_hash()
     base = {"name": row.name, "group": row.group, "kind": row.kind, "seed": row.seed, "config_hash": h,
             **{k: v for k, v in row.info.items()}}
     reason = skip_reason(row)
+    missing = [n for n in row.info.get("needs", []) if ((records or {}).get(n) or {}).get("status") != "done"]
+    if not reason and missing:
+        reason = f"needs {', '.join(missing)}, which did not finish"
     if reason:
         ctx.log(f"{index}{row.name}: skipped ({reason})")
         return {**base, "status": "skipped", "reason": reason}
@@ -606,17 +614,22 @@ def execute(row: Row, ctx: Context, *, index: str = "") -> dict:
     ctx.log(f"{index}{row.name}: {row.info.get('label', row.kind)} ...")
     _set_threads(ctx.num_threads)
     started = time.perf_counter()
-    if row.kind == "teacher":
-        out = run_teacher_row(row, ctx)
-    elif row.kind == "train":
-        out = run_train_row(row, ctx, folder)
-    elif row.kind == "table":
-        out = run_table_row(row, ctx, folder)
-    elif row.kind == "embedding":
-        folder.mkdir(parents=True, exist_ok=True)
-        out = run_embedding_row(row, ctx, folder)
-    else:  # pragma: no cover
-        raise ValueError(row.kind)
+    try:
+        if row.kind == "teacher":
+            out = run_teacher_row(row, ctx)
+        elif row.kind == "train":
+            out = run_train_row(row, ctx, folder)
+        elif row.kind == "table":
+            out = run_table_row(row, ctx, folder)
+        elif row.kind == "embedding":
+            folder.mkdir(parents=True, exist_ok=True)
+            out = run_embedding_row(row, ctx, folder)
+        else:  # pragma: no cover
+            raise ValueError(row.kind)
+    except Exception as exc:  # noqa: BLE001 - one failed row must not cost the others (rerun resumes it)
+        message = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        ctx.log(f"{index}{row.name}: FAILED after {time.perf_counter() - started:.0f} s ({message})")
+        return {**base, "status": "failed", "reason": message}
     record = {**base, **out, "status": "done", "row_seconds": time.perf_counter() - started,
               "train_config": {k: v for k, v in row.train.items() if k not in ("progress",)} or None}
     _atomic_json(folder / RESULT_NAME, record)
@@ -890,7 +903,7 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, progress: bool = True
         second = phase_two_rows(ctx, chosen_row)
         for i, row in enumerate(second, 1):
             if row.group in wanted:
-                records[row.name] = execute(row, ctx, index=f"[{len(first) + i}/{total}] ")
+                records[row.name] = execute(row, ctx, index=f"[{len(first) + i}/{total}] ", records=records)
     elif wanted & {"ibkd", "finetune", "compact"}:
         log("no finished sweep row: the ibkd, finetune and compact rows need the sweep's choice")
     emb = embedding_row(ctx)
@@ -934,6 +947,7 @@ def assemble(spec: dict, rows: list[dict], chosen: Optional[dict], gpu: dict, st
             "corpus": common.get("corpus"), "extra_stsb_sentences": common.get("extra_stsb_sentences"),
             "corpus_limit": common.get("corpus_limit"), "seeds": spec.get("seeds", [1, 2, 3]),
             "sts_limit": spec.get("sts_limit"), "num_threads": spec.get("num_threads"),
+            "eval_batch_size": spec.get("eval_batch_size", 128),
             "budget": spec.get("budget"), "finetune": spec.get("finetune"),
         },
         "summary": summary,
@@ -1010,7 +1024,7 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
         title = ROW_TITLES.get(line["row"], line["row"])
         if line["row"] == "compact" and line.get("d_small"):
             title += f" (table d={line['d_small']})"
-        seeds = len(line["runs"]) if line["row"] != "teacher" else "—"
+        seeds = len(line["runs"]) if line["row"] not in ("teacher", "none") else "—"
         train = _ms(line["train_seconds"], 0)
         if line["train_seconds"].get("mean") is not None:
             train = _duration(line["train_seconds"]["mean"]) + (" per seed" if line["train_seconds"]["n"] > 1 else "")
@@ -1041,7 +1055,8 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
             f"torch {env.get('torch')}, transformers {env.get('transformers')}; commit {env.get('git_commit')}. "
             f"Command: `{env.get('command')}`; wall time {_duration(doc.get('wall_seconds'))} "
             f"(row compute {_duration(doc.get('compute_seconds'))}, including rows reused from an earlier invocation). "
-            f"Encode throughput is measured on a shared machine: compare it within a run, not across runs."]
+            f"Encode throughput: the better of the STS-B dev and test passes (batch "
+            f"{s.get('eval_batch_size') or 128}, tokenization included) on a shared machine; compare it within a run."]
     return "\n".join(out) + "\n"
 
 
@@ -1315,6 +1330,11 @@ def _run_cli(args) -> int:
     print(markdown)
     print(f"results: {results} (+ {results.with_suffix('.md').name}, {results.with_suffix('.png').name})"
           + (f"; README sections updated in {readme}" if readme else ""), file=sys.stderr)
+    failed = [r["name"] for r in doc["rows"] if r.get("status") == "failed"]
+    if failed:
+        print(f"ibkd: error: row(s) failed: {', '.join(failed)} (see the log above; rerun the same command to retry "
+              f"them, finished rows are kept)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -311,7 +311,7 @@ def test_quick_section_is_merged_over_the_config(tmp_path):
     assert [s["name"] for s in spec["sweep"]["settings"]] == ["unit-g1-b0.2", "unit-g1-b200"]
     assert spec["readme"] is None and spec["sts_limit"] == 200
     full = reproduce.load_spec(str(reproduce.REPO_ROOT / reproduce.DEFAULT_CONFIG))
-    assert full["common"]["max_steps"] == 40 and len(full["sweep"]["settings"]) == 8 and not full["quick"]
+    assert full["common"]["max_steps"] == 40 and len(full["sweep"]["settings"]) == 7 and not full["quick"]
 
 
 def test_gpu_timing_hook_runs_the_step_on_cpu(workspace):
@@ -330,3 +330,68 @@ def test_choice_and_statistics_helpers():
     assert reproduce.mean_std([3.0]) == {"mean": 3.0, "std": None, "n": 1, "values": [3.0]}
     with pytest.raises(reproduce.ReproduceError, match="no line"):
         reproduce.replace_between("text\n", reproduce.REPRODUCE_MARKERS, "x")
+
+
+def test_interrupted_row_resumes_from_its_checkpoint(workspace, monkeypatch):
+    root, spec = workspace
+    crash = json.loads(json.dumps(spec))
+    crash["output"] = str(root / "crash-out")
+    crash["common"]["save_steps"] = 1
+    config = write_config(root, crash, "crash.yaml")
+    argv = ["--config", config, "--rows", "mse", "--results", str(root / "crash.json"), "--readme", "none",
+            "--no-progress"]
+    import ibkd.train
+
+    real_step = ibkd.train.Trainer.train_step
+
+    def crash_at_second_step(self):
+        if self.step == 1:
+            raise RuntimeError("simulated crash")
+        return real_step(self)
+
+    monkeypatch.setattr(ibkd.train.Trainer, "train_step", crash_at_second_step)
+    code, _, err = cli(argv)  # every mse row fails at its second step; the command reports it and goes on
+    assert code == 1 and "row(s) failed: mse-s1, mse-s2, mse-s3" in err and "simulated crash" in err
+    failed = json.loads((root / "crash.json").read_text())
+    assert {r["name"]: r["status"] for r in failed["rows"]}["mse-s1"] == "failed"
+    assert (root / "crash-out" / "mse-s1" / "checkpoint-last.pt").is_file()
+    assert not (root / "crash-out" / "mse-s1" / "result.json").exists()
+    monkeypatch.setattr(ibkd.train.Trainer, "train_step", real_step)
+    resumed, real_run = [], ibkd.train.run
+    monkeypatch.setattr("ibkd.train.run", lambda cfg: resumed.append((cfg.output.split("/")[-1], cfg.resume)) or real_run(cfg))
+    code, _, err = cli(argv)
+    assert code == 0, err
+    assert resumed == [("mse-s1", True), ("mse-s2", True), ("mse-s3", True)]
+    doc = json.loads((root / "crash.json").read_text())
+    row = next(r for r in doc["rows"] if r["name"] == "mse-s1")
+    assert row["status"] == "done" and row["steps"] == 2 and row["curve"]["step"] == [1, 2]
+
+
+def test_rows_needing_missing_pieces_are_skipped_and_said_so(workspace, monkeypatch):
+    root, spec = workspace
+    missing = json.loads(json.dumps(spec))
+    missing["output"] = str(root / "missing-out")
+    monkeypatch.setattr(reproduce, "embedding_module", lambda: None)
+    monkeypatch.setattr(reproduce, "compact_supported", lambda: False)
+    code, out, err = cli(["--config", write_config(root, missing, "missing.yaml"), "--rows", "compact,embedding",
+                          "--results", str(root / "missing.json"), "--readme", "none", "--no-progress"])
+    assert code == 0, err
+    doc = json.loads((root / "missing.json").read_text())
+    status = {r["name"]: (r["status"], r.get("reason") or "") for r in doc["rows"]}
+    for name in ("compact-table", "compact-ibkd", "embedding-comparison"):
+        assert status[name][0] == "skipped" and "in this tree yet" in status[name][1], name
+    assert status["sweep-unit-g1-b0.2"][0] == "done"  # compact needs the sweep's choice: run first
+    assert "_not available: TrainConfig has no compact_embeddings key" in out
+
+
+def test_compact_student_waits_for_its_table(workspace, monkeypatch):
+    root, spec = workspace
+    broken = json.loads(json.dumps(spec))
+    broken["output"] = str(root / "table-out")
+    monkeypatch.setattr(reproduce, "run_table_row", lambda row, ctx, folder: 1 / 0)
+    code, _, err = cli(["--config", write_config(root, broken, "table.yaml"), "--rows", "compact",
+                        "--results", str(root / "table.json"), "--readme", "none", "--no-progress"])
+    assert code == 1 and "compact-table" in err
+    status = {r["name"]: (r["status"], r.get("reason")) for r in json.loads((root / "table.json").read_text())["rows"]}
+    assert status["compact-table"] == ("failed", "ZeroDivisionError: division by zero")
+    assert status["compact-ibkd"] == ("skipped", "needs compact-table, which did not finish")
