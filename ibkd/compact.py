@@ -19,7 +19,6 @@ layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -27,31 +26,18 @@ import torch
 from torch import nn
 
 from .compact_modeling import CompactBertConfig, CompactBertModel, register_auto_classes
+from .embedding import load_small_table
 from .models import Encoder, subset_layers
 
 UP_INITS = ("lstsq", "random")
 FACTORIZED_KEYS = ("embeddings.word_embeddings.table.weight", "embeddings.word_embeddings.up.weight",
                    "embeddings.word_embeddings.up.bias")
-TABLE_FILE, TABLE_KEY, TABLE_CONFIG = "table.safetensors", "weight", "embedding_config.json"
+TABLE_FILE = "table.safetensors"  # written by ibkd.embedding.save_small_table
 
 register_auto_classes()
 
 
 # -- the small table --------------------------------------------------------------------------------
-
-def _read_small_table(folder: Union[str, Path]) -> tuple[torch.Tensor, dict]:
-    """Read a table folder (``table.safetensors`` key ``weight`` + ``embedding_config.json``)."""
-    # TODO(A1): replace by ibkd.embedding.load_small_table once that module lands.
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    tensors = load_file(str(folder / TABLE_FILE))
-    if TABLE_KEY not in tensors:
-        raise ValueError(f"{folder / TABLE_FILE} has no tensor named {TABLE_KEY!r} (has {sorted(tensors)})")
-    meta_path = folder / TABLE_CONFIG
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return tensors[TABLE_KEY], meta
-
 
 def load_compact_table(folder: Union[str, Path], tokenizer=None, *, vocab_size: Optional[int] = None
                        ) -> tuple[torch.Tensor, dict]:
@@ -67,12 +53,9 @@ def load_compact_table(folder: Union[str, Path], tokenizer=None, *, vocab_size: 
     if not (folder / TABLE_FILE).is_file():
         raise FileNotFoundError(f"compact_embeddings folder {folder} has no {TABLE_FILE} "
                                 "(write it with ibkd.embedding.save_small_table)")
-    table, meta = _read_small_table(folder)
+    table, meta = load_small_table(folder)  # DataError (a ValueError) on an inconsistent folder
     if table.dim() != 2 or not table.is_floating_point():
         raise ValueError(f"the table in {folder} must be a 2-D float tensor, got {tuple(table.shape)} {table.dtype}")
-    if meta.get("vocab_size") is not None and int(meta["vocab_size"]) != table.shape[0]:
-        raise ValueError(f"{folder / TABLE_CONFIG} says vocab_size {meta['vocab_size']} but the table has "
-                         f"{table.shape[0]} rows")
     if tokenizer is not None:
         expected = len(tokenizer) if vocab_size is None else int(vocab_size)
         if table.shape[0] != expected or len(tokenizer) > table.shape[0]:

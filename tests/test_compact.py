@@ -6,16 +6,16 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ibkd.compact import (FACTORIZED_KEYS, bert_parameter_count, build_compact_student, factorize_student,
                           load_compact_table, lstsq_up_projection, parameter_count, parameter_table, pca_table)
 from ibkd.compact_modeling import CompactBertConfig, CompactBertModel
+from ibkd.embedding import save_small_table
 from ibkd.models import Encoder, make_tiny_bert, subset_layers
 from ibkd.train import CHECKPOINT_NAME, ConfigError, TrainConfig, build_run, run
 
@@ -37,15 +37,8 @@ def random_table(vocab_size, d_small, seed=0):
 
 
 def write_table_folder(folder, table, tokenizer=None, **meta):
-    """A table folder as ``ibkd.embedding.save_small_table`` writes it."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"weight": table.contiguous()}, str(folder / "table.safetensors"))
-    meta = {"d_small": table.shape[1], "vocab_size": table.shape[0], "method": "test", **meta}
-    (folder / "embedding_config.json").write_text(json.dumps(meta))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    return folder
+    """A table folder written by A1's ``ibkd.embedding.save_small_table``."""
+    return save_small_table(folder, table, tokenizer, {"method": "test", **meta})
 
 
 def hand_token_states(teacher, student, layers, sentence):
@@ -278,7 +271,8 @@ def test_bad_inputs(teacher, tmp_path):
     write_table_folder(tmp_path / "small", random_table(vocab - 2, 4))
     with pytest.raises(ValueError, match="another vocabulary"):
         load_compact_table(tmp_path / "small", teacher.tokenizer)
-    write_table_folder(tmp_path / "meta", random_table(vocab, 4), vocab_size=vocab + 5)
+    meta_file = write_table_folder(tmp_path / "meta", random_table(vocab, 4)) / "embedding_config.json"
+    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "vocab_size": vocab + 5}))
     with pytest.raises(ValueError, match="vocab_size"):
         load_compact_table(tmp_path / "meta", teacher.tokenizer)
     tokenizer = teacher.tokenizer
