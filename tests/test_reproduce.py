@@ -395,3 +395,33 @@ def test_compact_student_waits_for_its_table(workspace, monkeypatch):
     status = {r["name"]: (r["status"], r.get("reason")) for r in json.loads((root / "table.json").read_text())["rows"]}
     assert status["compact-table"] == ("failed", "ZeroDivisionError: division by zero")
     assert status["compact-ibkd"] == ("skipped", "needs compact-table, which did not finish")
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_committed_config_builds_every_row(tmp_path, quick):
+    # every TrainConfig of the real plan is valid (no shared data read: STS paths are stand-ins)
+    spec = reproduce.load_spec(str(reproduce.REPO_ROOT / reproduce.DEFAULT_CONFIG), quick=quick)
+    sts = {s: str(tmp_path / f"sts-{s}.csv") for s in ("train", "dev", "test")}
+    ctx = reproduce.Context(spec, tmp_path, str(tmp_path / "cache"), sts, str(tmp_path), 2, False, print)
+    first = reproduce.phase_one_rows(ctx)
+    second = reproduce.phase_two_rows(ctx, next(r for r in first if r.group == "sweep"))
+    for row in first + second:
+        if row.kind == "train":
+            reproduce.check_train_config(row)
+    names = [r.name for r in first + second]
+    seeds = spec["seeds"]
+    assert len(names) == len(set(names))
+    assert sum(r.group == "mse" for r in first) == len(seeds) and sum(r.group == "ibkd" for r in second) == len(seeds) - 1
+    steps = {r.train["max_steps"] for r in first + second if r.kind == "train" and r.train.get("stage") == "distill"
+             and r.group != "none"}
+    assert steps == {3 if quick else 40}  # one step count for every stage-1 row
+
+
+def test_wired_into_the_ibkd_command(reproduced, capsys):
+    from ibkd import cli as ibkd_cli
+
+    root, _, config, _, _ = reproduced
+    assert ibkd_cli.main(["reproduce", "--config", config, "--render-only", "--readme", "none"]) == 0
+    assert "| student, IBKD |" in capsys.readouterr().out
+    assert ibkd_cli.main(["reproduce", "--config", config, "--rows", "nope"]) == 2
+    assert "unknown group(s) nope" in capsys.readouterr().err
