@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import datetime as _dt
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -577,8 +578,11 @@ def _strip_tensors(value):
 def run_embedding_row(row: Row, ctx: Context, folder: Path) -> dict:
     emb = embedding_module()
     started = time.perf_counter()
+    overrides = dict(row.info["overrides"])
+    if "progress" in inspect.signature(emb.compare_embeddings).parameters:
+        overrides.setdefault("progress", lambda message: ctx.log(f"  {message}"))
     doc = emb.compare_embeddings(teacher_spec(ctx), sizes=tuple(row.info["sizes"]),
-                                 seeds=tuple(row.info["seeds"]), data_dir=ctx.data_dir, **row.info["overrides"])
+                                 seeds=tuple(row.info["seeds"]), data_dir=ctx.data_dir, **overrides)
     return {"train_seconds": time.perf_counter() - started, "comparison": _strip_tensors(doc)}
 
 
