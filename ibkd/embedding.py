@@ -454,7 +454,7 @@ def _fit(arm: _Arm, head: TaskHead, data: _Prepared, cfg: EmbeddingTaskConfig,
         total, count = 0.0, 0
         for start in range(0, n, cfg.batch_size):
             index = permutation[start:start + cfg.batch_size]
-            if index.numel() < 2 and n >= 2:  # a 1-pair tail batch adds noise and nothing else
+            if index.numel() < 2:  # a 1-pair tail batch (n = 1 mod batch_size) adds noise and nothing else
                 continue
             ids, mask = _batches(train.ids, train.mask, index)
             cosines = _pair_cosines(arm, head, ids, mask)
