@@ -15,6 +15,17 @@ layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in
   directions (not embedding distillation; with it the lstsq start is the best rank-d fit of E).
 * :func:`load_compact_table` — read and check a table folder against a tokenizer.
 * :func:`parameter_count`, :func:`bert_parameter_count` (closed form), :func:`parameter_table`.
+
+Size: with all-MiniLM-L6-v2 (V 30522, hidden 384) and layers {0, 5}, the compact student has
+``30906 d + 3,747,456`` parameters: d = 96 → 6.71M (29.6% of the teacher's 22.71M), d = 128 → 7.70M; the
+"<= 7.5M" target needs d <= 121.
+
+Loading an exported compact student (``Encoder.save``/``ibkd distill`` output: ``config.json`` with
+``model_type: ibkd_compact_bert`` and ``auto_map``, ``compact_modeling.py``, ``model.safetensors``, tokenizer,
+sentence-transformers files): in a process without ibkd, ``transformers.AutoModel.from_pretrained(folder,
+trust_remote_code=True)`` or ``sentence_transformers.SentenceTransformer(folder, trust_remote_code=True)``
+(the copied ``compact_modeling.py`` needs only torch and transformers); with ibkd, ``Encoder.load(folder)``, or
+those two without ``trust_remote_code`` once ``ibkd.compact_modeling`` has been imported.
 """
 
 from __future__ import annotations
