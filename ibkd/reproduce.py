@@ -1143,7 +1143,7 @@ def render_embedding(doc: dict) -> str:
     by = {line["row"]: line for line in doc["summary"]}
     pair = [by[k] for k in ("ibkd", "compact") if k in by]
     out += ["", "Compact factorized student (embedding table d_small + up-projection, teacher layers kept) vs the "
-            "2-layer IBKD student, same distillation setting:", ""]
+            "2-layer IBKD student, same data and steps (settings as in the reproduction table):", ""]
     if "compact" not in by:
         reason = next((r.get("reason") for r in doc["rows"] if r["name"] == "compact-ibkd"), None)
         out.append(f"_not available: {reason or 'not run'}_")
