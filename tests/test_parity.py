@@ -13,8 +13,9 @@ How the fuzzed comparisons decide "close enough" (``check``), norm-wise (max ove
     float32 vs float64): it scales with the conditioning of each example;
   - ``RTOL`` × max|expected|;
   - ``MAGNITUDE_RTOL`` × the magnitude of what was summed before it cancelled, where a result is a
-    small difference of large terms: an InfoNCE row loss is lse − s_ii with both ≈ max|s|/τ, and the
-    temperature gradient Σ w_i(Σ_j p_ij s_ij − s_ii)/τ² likewise; HSIC is
+    small difference of large terms: an InfoNCE row loss is lse − s_ii with both ≈ max|s|/τ, the
+    temperature gradient Σ w_i(Σ_j p_ij s_ij − s_ii)/τ² likewise, and the input gradients
+    w_i(Σ_j p_ij k_j − k_i)/τ, whose radial part L2 normalisation projects out (all of it at D = 1); HSIC is
     (Σ K∘L − (2/n)(K1)·(L1) + (1ᵀK1)(1ᵀL1)/n²)/(n−1)². The float32 value 4e-6 is ≈ 64 unit
     roundoffs of each term (dot products over D ≤ 384 entries lose up to ~√D ulps, exp and log
     add a few); float64 gets 1e-14 for the same reason.
@@ -167,6 +168,26 @@ def infonce_magnitudes(q, k, temperature, normalize, reduction, weights):
     return loss, temperature_grad
 
 
+def infonce_grad_magnitudes(q, k, temperature, normalize, symmetric, reduction, weights):
+    """Size of the terms that cancel in the input gradients: dq_i = w_i(Σ_j p_ij k_j − k_i)/τ (and the
+    column terms when symmetric), dk_j = Σ_i w_i(p_ij − δ_ij) q_i/τ; through L2 normalisation the
+    radial part is then projected out and the rest divided by the row norm, which for D = 1 cancels
+    the whole gradient, leaving only rounding of these terms."""
+    q, k = q.to(f64), k.to(f64)
+    b = q.shape[0]
+    row_weights = {"mean": torch.full((b,), 1.0 / b, dtype=f64), "sum": torch.ones(b, dtype=f64), "none": weights}
+    w = row_weights[reduction].abs()
+    directions = 2 if symmetric else 1
+    q_scale = 1.0 if normalize else q.abs().max().item()
+    k_scale = 1.0 if normalize else k.abs().max().item()
+    dq = directions * w.max().item() * 2 * k_scale / temperature
+    dk = directions * (w.sum().item() + w.max().item()) * q_scale / temperature
+    if normalize:
+        dq /= q.norm(dim=1).min().clamp_min(1e-30).item()
+        dk /= k.norm(dim=1).min().clamp_min(1e-30).item()
+    return dq, dk
+
+
 @fuzz(30)
 @given(
     b=st.sampled_from([1, 2, 7, 129, 1000]),
@@ -201,10 +222,11 @@ def test_infonce_fused_matches_reference(
     refs = reference_runs(run, dtype)
     acc = accumulation_dtype(dtype)
     loss_magnitude, temperature_grad_magnitude = infonce_magnitudes(q, k, temperature, normalize, reduction, weights)
+    dq_magnitude, dk_magnitude = infonce_grad_magnitudes(q, k, temperature, normalize, symmetric, reduction, weights)
     outputs = [
         ("loss", acc, loss_magnitude),
-        ("d query", dtype, 0.0),
-        ("d key", dtype, 0.0),
+        ("d query", dtype, dq_magnitude),
+        ("d key", dtype, dk_magnitude),
         ("d temperature", acc, temperature_grad_magnitude),
         ("loss without grad", acc, loss_magnitude),
     ]
