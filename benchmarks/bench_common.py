@@ -21,6 +21,8 @@ from typing import Optional
 
 import torch
 
+from ibkd._machine import cpu_name
+
 QUICK = os.environ.get("IBKD_BENCH_QUICK", "0").lower() in ("1", "true", "yes", "on")
 TEMPERATURE = 0.05
 
@@ -145,20 +147,9 @@ def make_step(case: Case):
 # --- machine description -----------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def machine_info(device: str) -> dict:
     info = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -197,7 +188,7 @@ def machine_id(device: str) -> str:
     if device == "cuda" and torch.cuda.is_available():
         base = "gpu-" + torch.cuda.get_device_name(0)
     else:
-        base = f"cpu-{_cpu_model()}-{os.cpu_count()}c"
+        base = f"cpu-{cpu_name()}-{os.cpu_count()}c"
     return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
 
 

@@ -14,7 +14,8 @@ layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in
 * :func:`pca_table` — a baseline table: the teacher's word embeddings projected on their top principal
   directions (not embedding distillation; with it the lstsq start is the best rank-d fit of E).
 * :func:`load_compact_table` — read and check a table folder against a tokenizer.
-* :func:`parameter_count`, :func:`bert_parameter_count` (closed form), :func:`parameter_table`.
+* :func:`bert_parameter_count` (closed form), :func:`parameter_table` (counts of built models:
+  :func:`ibkd.evaluation.count_parameters`).
 
 Size: with all-MiniLM-L6-v2 (V 30522, hidden 384) and layers {0, 5}, the compact student has
 ``30906 d + 3,747,456`` parameters: d = 96 → 6.71M (29.6% of the teacher's 22.71M), d = 128 → 7.70M; the
@@ -34,10 +35,10 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
-from torch import nn
 
 from .compact_modeling import CompactBertConfig, CompactBertModel, register_auto_classes
 from .embedding import load_small_table
+from .evaluation import count_parameters
 from .models import Encoder, subset_layers
 
 UP_INITS = ("lstsq", "random")
@@ -177,11 +178,6 @@ def build_compact_student(teacher: Encoder, layers: Sequence[int], small_table: 
 
 # -- parameter counts -----------------------------------------------------------------------------
 
-def parameter_count(model: Union[nn.Module, Encoder]) -> int:
-    """Number of distinct parameters (shared tensors counted once; buffers not counted)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def bert_parameter_count(*, vocab_size: int, hidden_size: int, intermediate_size: int, num_layers: int,
                          max_position_embeddings: int, type_vocab_size: int = 2, embedding_dim: Optional[int] = None,
                          pooler: bool = False) -> int:
@@ -201,7 +197,7 @@ def parameter_table(teacher: Encoder, layers: Sequence[int] = (0, 5),
     cfg = teacher.config
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                   max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size)
-    total = parameter_count(teacher)
+    total = count_parameters(teacher)
     rows = [dict(model="teacher", embedding_dim=cfg.hidden_size, layers=teacher.num_layers, parameters=total)]
     pooler = getattr(teacher.model, "pooler", None) is not None
     rows.append(dict(model=f"layer subset {list(layers)}", embedding_dim=cfg.hidden_size, layers=len(layers),

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._machine import cpu_name
 from .data import DataError, read_stsb
 from .evaluation import spearman
 
@@ -713,16 +714,6 @@ def stsb_paths(data_dir: Optional[PathLike] = None, train: Optional[PathLike] = 
     return paths
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     array = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
     if array.size == 0:
@@ -835,7 +826,7 @@ def compare_embeddings(teacher_spec: str = "default", sizes: Sequence[int] = DEF
                      "selection": "epoch and learning rate (per run, from lr_grid) by STS-B dev Spearman; "
                                   "test scored once per run for the selected epoch",
                      "direct_init": "N(0, init_std^2), init_std = direct_init_std or 1/sqrt(d_small)"},
-        "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpu": _cpu_name(),
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_name(),
                         "threads": torch.get_num_threads(), "device": str(device)},
         "wall_seconds": time.perf_counter() - start,
     })

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from ._machine import cpu_name
 from .data import DataError
 from .train import ConfigError, TrainConfig
 
@@ -848,14 +849,6 @@ def targets(summary: list[dict], spec: dict) -> dict:
 def environment(started_at: float, argv: list) -> dict:
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     try:
         import transformers
 
@@ -871,7 +864,7 @@ def environment(started_at: float, argv: list) -> dict:
     except Exception:  # noqa: BLE001 - informational only
         pass
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": tf_version, "python": platform.python_version(),
             "platform": platform.platform(), "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "git_commit": commit, "load_average_at_start": list(load) if load else None,

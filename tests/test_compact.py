@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ibkd.compact import (FACTORIZED_KEYS, bert_parameter_count, build_compact_student, factorize_student,
-                          load_compact_table, lstsq_up_projection, parameter_count, parameter_table, pca_table)
+                          load_compact_table, lstsq_up_projection, parameter_table, pca_table)
 from ibkd.compact_modeling import CompactBertConfig, CompactBertModel
+from ibkd.evaluation import count_parameters
 from ibkd.embedding import save_small_table
 from ibkd.models import Encoder, make_tiny_bert, subset_layers
 from ibkd.train import CHECKPOINT_NAME, ConfigError, TrainConfig, build_run, run
@@ -143,21 +144,21 @@ def test_parameter_count_formula(teacher):
     cfg = teacher.config
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                   max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size)
-    assert parameter_count(teacher) == bert_parameter_count(num_layers=3, pooler=True, **common)
-    assert parameter_count(subset_layers(teacher, [0, 2])) == bert_parameter_count(num_layers=2, pooler=True, **common)
+    assert count_parameters(teacher) == bert_parameter_count(num_layers=3, pooler=True, **common)
+    assert count_parameters(subset_layers(teacher, [0, 2])) == bert_parameter_count(num_layers=2, pooler=True, **common)
     for d in (1, 8, 13):
         student = build_compact_student(teacher, [0, 2], random_table(cfg.vocab_size, d))
         assert student.model.pooler is None
         expected = bert_parameter_count(num_layers=2, embedding_dim=d, **common)
-        assert parameter_count(student) == expected == parameter_count(student.model)
+        assert count_parameters(student) == expected == count_parameters(student.model)
         # the factorization replaces V*H by V*d + d*H + H; the pooler (H*H + H) is gone
-        assert parameter_count(subset_layers(teacher, [0, 2])) - expected == (
+        assert count_parameters(subset_layers(teacher, [0, 2])) - expected == (
             cfg.vocab_size * cfg.hidden_size - (cfg.vocab_size * d + d * cfg.hidden_size + cfg.hidden_size)
             + cfg.hidden_size ** 2 + cfg.hidden_size)
     rows = parameter_table(teacher, layers=(0, 2), sizes=(4, 8))
     assert [r["embedding_dim"] for r in rows] == [cfg.hidden_size, cfg.hidden_size, 4, 8]
-    assert rows[0]["parameters"] == parameter_count(teacher) and rows[0]["fraction_of_teacher"] == 1.0
-    assert rows[3]["parameters"] == parameter_count(build_compact_student(teacher, [0, 2], random_table(cfg.vocab_size, 8)))
+    assert rows[0]["parameters"] == count_parameters(teacher) and rows[0]["fraction_of_teacher"] == 1.0
+    assert rows[3]["parameters"] == count_parameters(build_compact_student(teacher, [0, 2], random_table(cfg.vocab_size, 8)))
 
 
 def test_export_has_no_full_word_embedding_matrix(teacher, tmp_path):
@@ -168,7 +169,7 @@ def test_export_has_no_full_word_embedding_matrix(teacher, tmp_path):
     assert all(tuple(t.shape) != (vocab, hidden) for t in tensors.values())
     assert set(FACTORIZED_KEYS) <= set(tensors) and tuple(tensors[FACTORIZED_KEYS[0]].shape) == (vocab, 8)
     assert not any(k.startswith("pooler") for k in tensors)
-    assert sum(t.numel() for t in tensors.values()) == parameter_count(student)
+    assert sum(t.numel() for t in tensors.values()) == count_parameters(student)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "ibkd_compact_bert" and config["embedding_dim"] == 8
     assert config["auto_map"] == {"AutoConfig": "compact_modeling.CompactBertConfig",
