@@ -75,17 +75,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_yaml(path: str) -> dict:
+def load_yaml_mapping(path: str, error: type = UsageError) -> dict:
+    """A YAML config file as a dict; a missing file, bad YAML or a non-mapping raise ``error`` (one line)."""
     import yaml
 
     if not Path(path).is_file():
-        raise UsageError(f"config file not found: {path}")
+        raise error(f"config file not found: {path}")
     try:
         values = yaml.safe_load(Path(path).read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        raise error(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(values, dict):
-        raise UsageError(f"{path}: a config must be a mapping of keys to values")
+        raise error(f"{path}: a config must be a mapping of keys to values")
     return values
 
 
@@ -94,7 +95,7 @@ def build_config(args: argparse.Namespace):
 
     from .train import TrainConfig
 
-    values = _load_yaml(args.config) if args.config else {}
+    values = load_yaml_mapping(args.config) if args.config else {}
     values.setdefault("stage", "distill" if args.command in ("distill", "cache-teacher") else "finetune")
     if args.command in ("distill", "finetune") and values["stage"] != args.command:
         raise UsageError(f"the config is for stage {values['stage']!r} but the command is {args.command!r}")
@@ -156,8 +157,9 @@ def _cmd_cache(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from .evaluation import count_parameters, evaluate_sts
     from .models import Encoder
-    from .train import DEFAULT_DATA_DIR, sts_spearman
+    from .train import DEFAULT_DATA_DIR
 
     data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR
     paths = {"dev": args.dev or str(data_dir / "sts/stsbenchmark/sts-dev.csv"),
@@ -166,16 +168,8 @@ def _cmd_eval(args) -> int:
         if not Path(path).is_file():
             raise UsageError(f"STS-B {split} file not found: {path}")
     encoder = Encoder.load(args.model, max_length=args.max_length).to(args.device)
-    params = sum(p.numel() for p in encoder.parameters())
-    print(f"model {args.model}: {params / 1e6:.1f}M parameters, dim {encoder.dim}")
-    try:
-        from .evaluation import evaluate_sts
-    except ImportError:
-        evaluate_sts = None
+    print(f"model {args.model}: {count_parameters(encoder) / 1e6:.1f}M parameters, dim {encoder.dim}")
     for split, path in paths.items():
-        if evaluate_sts is None:
-            print(f"STS-B {split} Spearman x100: {sts_spearman(encoder, path, batch_size=args.batch_size):.2f}")
-            continue
         result = evaluate_sts(encoder.encode, path, batch_size=args.batch_size, name=f"stsb-{split}")
         print(f"STS-B {split} Spearman x100: {result['spearman']:.2f} "
               f"({result['sentences_per_second']:.0f} sentences/s)")

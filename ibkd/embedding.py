@@ -877,24 +877,23 @@ def render_markdown(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # command line: ibkd compress-embeddings
 # ---------------------------------------------------------------------------------------------
-def _int_list(text: str) -> list:
-    try:
-        values = [int(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 32,64,128, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one int, got {text!r}")
-    return values
+def _comma_list(convert: Callable, kind: str, example: str) -> Callable[[str], list]:
+    """An argparse type for comma-separated values of one kind (at least one)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [convert(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}s like {example}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {kind}, got {text!r}")
+        return values
+
+    return parse
 
 
-def _float_list(text: str) -> list:
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 1e-3,3e-3, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
-    return values
+_int_list = _comma_list(int, "int", "32,64,128")
+_float_list = _comma_list(float, "number", "1e-3,3e-3")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

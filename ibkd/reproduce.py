@@ -47,6 +47,7 @@ from typing import Any, Callable, Optional
 
 from ._machine import cpu_name
 from .data import DataError
+from ._io import atomic_write_text
 from .train import ConfigError, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -120,14 +121,9 @@ def _check_train_keys(where: str, values: Any, *, reserved: set = frozenset()) -
 
 def load_spec(path: str, *, quick: bool = False) -> dict:
     """Read and validate a reproduce config; ``quick`` merges its ``quick:`` section over the rest."""
-    import yaml
+    from .cli import load_yaml_mapping
 
-    if not Path(path).is_file():
-        raise ReproduceError(f"config file not found: {path}")
-    try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ReproduceError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    raw = load_yaml_mapping(path, ReproduceError)
     _check_keys(f"{path}", raw, TOP_KEYS)
     quick_part = raw.pop("quick", None) or {}
     _check_keys(f"{path}: quick", quick_part, TOP_KEYS - {"quick"})
@@ -382,9 +378,7 @@ def embedding_module():
 
 def _atomic_json(path: Path, doc: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=1, default=_json_default) + "\n")
 
 
 def _json_default(value):

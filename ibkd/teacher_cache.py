@@ -18,27 +18,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from ._io import atomic_write, atomic_write_text
 from .data import DataError, corpus_hash
 
 log = logging.getLogger("ibkd.teacher_cache")
 
 CACHE_VERSION = 1
-
-
-def _fsync_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _file_sha256(path: Path) -> str:
@@ -124,14 +115,14 @@ def build_teacher_cache(teacher, sentences: Sequence[str], cache_dir, *, batch_s
             matrix[done:stop] = teacher.encode(list(sentences[done:stop]), batch_size=batch_size, device=device,
                                                amp=amp).numpy()
             matrix.flush()
-            _fsync_write(progress_path, json.dumps({"key": key, "rows_done": stop}))
+            atomic_write_text(progress_path, json.dumps({"key": key, "rows_done": stop}))
             if bar is not None:
                 bar.update(stop - done)
             done = stop
         if bar is not None:
             bar.close()
         del matrix
-        _fsync_write(meta_path, json.dumps({"key_fields": fields, "rows": n, "dim": dim,
+        atomic_write_text(meta_path, json.dumps({"key_fields": fields, "rows": n, "dim": dim,
                                             "sha256": _file_sha256(data_path)}, indent=1))
         progress_path.unlink(missing_ok=True)
     embeddings = np.memmap(data_path, dtype=np.float32, mode="r", shape=(n, dim))
@@ -151,9 +142,7 @@ def pca_cached(matrix: np.ndarray, dim: int, folder: Path) -> np.ndarray:
         if out.shape == (n, dim):
             return out
     reduced = pca(np.asarray(matrix), dim)
-    tmp = folder / f"pca{dim}.tmp.npy"
-    np.save(tmp, reduced)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: np.save(f, reduced))
     return np.load(path, mmap_mode="r")
 
 

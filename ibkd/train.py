@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses as ibkd_losses
-from .data import DataError, LabeledData, read_labeled, read_sentences, read_stsb, stsb_sentences
+from ._io import atomic_write, fsync_dir
+from .data import DataError, LabeledData, read_labeled, read_sentences, stsb_sentences
 from .models import Encoder, autocast_context, build_student
 
 log = logging.getLogger("ibkd.train")
@@ -329,47 +330,18 @@ class FinetuneData:
 # -- evaluation ------------------------------------------------------------------------------------
 
 def sts_spearman(encoder: Encoder, path: str, batch_size: int = 128, device=None) -> float:
-    """Spearman ×100 of cosine similarity on an STS-B file (uses :mod:`ibkd.evaluation` when present)."""
-    try:
-        from .evaluation import evaluate_sts  # the package's evaluation module, when present
-    except ImportError:
-        evaluate_sts = None
-    if evaluate_sts is not None:
-        if device is not None:
-            encoder.to(device)
-        return float(evaluate_sts(encoder.encode, path, batch_size=batch_size)["spearman"])
-    from scipy.stats import spearmanr
+    """Spearman ×100 of cosine similarity on an STS-B file (:func:`ibkd.evaluation.evaluate_sts`)."""
+    from .evaluation import evaluate_sts
 
-    s1, s2, gold = read_stsb(path)
-    a = encoder.encode(s1, batch_size=batch_size, device=device)
-    b = encoder.encode(s2, batch_size=batch_size, device=device)
-    cos = F.cosine_similarity(a, b).numpy()
-    return float(spearmanr(cos, gold).correlation * 100)
+    if device is not None:
+        encoder.to(device)
+    return float(evaluate_sts(encoder.encode, path, batch_size=batch_size)["spearman"])
 
 
 # -- checkpoints -----------------------------------------------------------------------------------
 
 def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file, fsync it, rename over ``path``, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def export_student(student: Encoder, objective: nn.Module, folder: Path) -> None:
@@ -389,7 +361,7 @@ def export_student(student: Encoder, objective: nn.Module, folder: Path) -> None
         os.replace(folder, old)
     os.replace(tmp, folder)
     shutil.rmtree(old, ignore_errors=True)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
 
 
 def _rng_state() -> dict:
