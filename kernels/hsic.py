@@ -2,8 +2,8 @@
 
 Statistics (``_stats_kernel``): one program per block of rows i walks every column block j, builds
 the x- and z-Gram tiles over the full feature dimensions (BLOCK_D chunks; the squared row norms come
-out of the same loads), turns them into kernel tiles — RBF ``exp(−γ·max(‖a_i‖² + ‖a_j‖² − 2a_i·a_j, 0))``
-or linear ``a_i·a_j`` — and accumulates, per row, Σ_j K∘L, Σ_j K∘K, Σ_j L∘L and the row sums of K and L
+out of the same loads), turns them into kernel tiles — RBF ``exp(−γ·max(‖a_i‖² + ‖a_j‖² − 2a_i·a_j, 0))``, the exponent exactly 0
+for i = j, or linear ``a_i·a_j`` — and accumulates, per row, Σ_j K∘L, Σ_j K∘K, Σ_j L∘L and the row sums of K and L
 in one pass. The per-row partial sums are written out and summed on the host: deterministic and
 independent of the autotuned tile sizes. The full square is walked (not only the upper triangle) so
 every row sum belongs to exactly one program — no atomics.
@@ -66,6 +66,9 @@ def _kernel_tile(a_ptr, rows, cols, row_mask, col_mask, D, stride, gamma,
                                 BLOCK_M, BLOCK_N, BLOCK_D, ACC, PRECISION, RBF)
     if RBF:
         dist2 = tl.maximum(sq_r[:, None] + sq_c[None, :] - 2.0 * gram, 0.0)
+        # exactly 0 on the diagonal: the expansion leaves rounding noise ~u·‖a_i‖² there, and for
+        # large rows and a large γ that made K_ii visibly less than 1 (as in the reference backend)
+        dist2 = tl.where(rows[:, None] == cols[None, :], 0.0, dist2)
         k = tl.exp(-gamma * dist2)
     else:
         k = gram

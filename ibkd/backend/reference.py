@@ -32,9 +32,17 @@ def infonce_rows(query: torch.Tensor, key: torch.Tensor, temperature, symmetric:
 
 
 def rbf_kernel(a: torch.Tensor, gamma) -> torch.Tensor:
-    """K_ij = exp(−γ‖a_i − a_j‖²), squared distances from the Gram matrix (clamped at 0)."""
+    """K_ij = exp(−γ‖a_i − a_j‖²), squared distances from the Gram matrix (clamped at 0).
+
+    The squared distance on the diagonal is set to exactly 0 (K_ii = 1): ‖a_i‖² + ‖a_i‖² − 2a_i·a_i
+    is rounding noise of size ~u·‖a_i‖², which for rows of norm 60 and a large γ made K_ii visibly
+    less than 1. Its gradient is 0 in exact arithmetic too, so masking it changes no derivative. Off
+    the diagonal the expansion still cancels when the rows share a large offset;
+    :func:`ibkd.functional.hsic` centres its inputs first for that reason."""
     sq = a.pow(2).sum(dim=1)
     dist2 = (sq[:, None] + sq[None, :] - 2.0 * (a @ a.T)).clamp_min(0.0)
+    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+    dist2 = dist2.masked_fill(eye, 0.0)
     return torch.exp(-gamma * dist2)
 
 
