@@ -47,8 +47,11 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         )
 
 
-def check_positive_scalar(name: str, value, *, allow_tensor: bool = True) -> None:
-    """A positive finite float, or (if allowed) a 0-dim floating tensor holding one."""
+def check_positive_scalar(name: str, value, *, allow_tensor: bool = True):
+    """A positive finite float, or (if allowed) a 0-dim floating tensor holding one.
+
+    Returns the value as a Python float, or ``None`` while torch.compile traces (a tensor's value is
+    then not read: that would sync and break the graph)."""
     if isinstance(value, torch.Tensor):
         if not allow_tensor:
             raise TypeError(f"{name} must be a float, got a tensor")
@@ -57,7 +60,7 @@ def check_positive_scalar(name: str, value, *, allow_tensor: bool = True) -> Non
         if not value.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating tensor, got {value.dtype}")
         if _compiling():
-            return
+            return None
         v = float(value.detach())
     elif isinstance(value, numbers.Real) and not isinstance(value, bool):
         v = float(value)
@@ -65,6 +68,22 @@ def check_positive_scalar(name: str, value, *, allow_tensor: bool = True) -> Non
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__}")
     if not (math.isfinite(v) and v > 0):
         raise ValueError(f"{name} must be a positive finite number, got {v}")
+    return v
+
+
+def check_temperature_range(name: str, value, acc: torch.dtype) -> None:
+    """τ and 1/τ must both be finite in the accumulation dtype ``acc``: the logits are s/τ, so a τ
+    whose reciprocal overflows (1e-40 in float32) made the reference return NaN and the fused
+    backends fail deep inside with a RuntimeError. ``value`` is the float from
+    :func:`check_positive_scalar` (``None`` under torch.compile: nothing to check)."""
+    if value is None:
+        return
+    largest = torch.finfo(acc).max
+    if not (1.0 / largest <= value <= largest):
+        raise ValueError(
+            f"{name} must lie in [{1.0 / largest:.3g}, {largest:.3g}] for {str(acc).replace('torch.', '')} "
+            f"accumulation (1/{name} must be finite), got {value:g}; use float64 inputs or a larger {name}"
+        )
 
 
 def check_choice(name: str, value, choices) -> None:

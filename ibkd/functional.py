@@ -29,6 +29,20 @@ def _common_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     return torch.promote_types(a.dtype, b.dtype)
 
 
+def unit_rows(a: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """L2-normalised rows of ``a`` in ``acc``, for any finite scale.
+
+    ``F.normalize`` squares the entries: rows of size 1e20 overflow float32 (‖a‖ = inf, the rows
+    become 0 and InfoNCE returned ln N with zero gradient), rows of size 1e-25 underflow to the eps
+    floor. Dividing each row by its largest |entry| first keeps the norm in [1, √D]. The divisor is
+    detached: a ↦ a/‖a‖ is homogeneous of degree 0, so scaling a row by a positive constant changes
+    neither the value nor the gradient with respect to a. All-zero rows stay zero, as before."""
+    a = a.to(acc)
+    peak = a.detach().abs().amax(dim=1, keepdim=True)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    return F.normalize(a / peak, dim=1)
+
+
 def centre_rows(a: torch.Tensor) -> torch.Tensor:
     """``a`` minus its mean row (in the accumulation dtype, back in ``a``'s dtype), with autograd.
 
@@ -66,8 +80,10 @@ def infonce(
         query: (B, D) anchors.
         key: (N, D) with N ≥ B; row i is the positive of query row i.
         temperature: τ > 0, a float or a 0-dim tensor; if it requires grad its gradient is returned
-            (a CLIP-style learnable temperature).
-        normalize: L2-normalise both inputs first (cosine similarity).
+            (a CLIP-style learnable temperature). τ and 1/τ must be finite in the accumulation dtype
+            (float32: τ ≥ 2.9e-39), else a ValueError.
+        normalize: L2-normalise both inputs first (cosine similarity); safe for rows of any finite
+            scale (each row is divided by its largest |entry| before the norm is taken).
         symmetric: also the key→query direction (needs N == B): (row loss + column loss)/2.
         reduction: "mean" | "sum" | "none" (per-row vector of shape (B,)).
         backend: "auto" or a name from :func:`ibkd.backends`.
@@ -95,7 +111,7 @@ def infonce(
     if symmetric and n != b:
         raise ValueError(f"symmetric=True needs as many key rows as query rows, got B={b}, N={n}")
     v.check_choice("reduction", reduction, ops.REDUCTIONS)
-    v.check_positive_scalar("temperature", temperature)
+    tau = v.check_positive_scalar("temperature", temperature)
     if check_finite:
         v.check_finite("query", query)
         v.check_finite("key", key)
@@ -103,9 +119,10 @@ def infonce(
     dtype = _common_dtype(query, key)
     query, key = query.to(dtype), key.to(dtype)
     acc = accumulation_dtype(dtype)
+    v.check_temperature_range("temperature", tau, acc)  # here, for every backend alike
     if normalize:  # in the accumulation dtype, then back to the input dtype for the kernels
-        query = F.normalize(query.to(acc), dim=1).to(dtype)
-        key = F.normalize(key.to(acc), dim=1).to(dtype)
+        query = unit_rows(query, acc).to(dtype)
+        key = unit_rows(key, acc).to(dtype)
 
     impl = resolve_backend(backend, query.device, dtype, "infonce", (b, n, query.shape[1]))
     if not impl.fused:

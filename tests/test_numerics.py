@@ -15,15 +15,20 @@ normwise: ``max|got − truth| / max|truth|``.
   into K_ii < 1. Centring shrinks it (‖a_i‖ then excludes the offset), but with γ large enough, or
   rows genuinely far apart, the kernel must write the diagonal exactly (reference, triton and cuda
   do; the cpu kernel does not yet: xfail).
+* InfoNCE with ``normalize=True`` on rows scaled by 1e20 (squares overflow float32) or 1e-25
+  (squares underflow): the loss is scale-invariant, so it must equal the unscaled float64 loss.
+* τ = 1e-40: 1/τ overflows float32, so every backend raises the same ValueError; in float64 it is a
+  valid temperature and every backend returns the same (huge) loss.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ibkd.backend import base as backend_base
-from ibkd.functional import hsic, median_heuristic_gamma
+from ibkd.functional import hsic, infonce, median_heuristic_gamma
 
 f64 = torch.float64
 f32 = torch.float32
@@ -185,3 +190,69 @@ def test_rbf_kernel_diagonal_is_exact_for_rows_far_apart(backend, device):
     got = hsic(x.to(device), z.to(device), gamma=1.0, gamma_z=0.5, backend=backend)
     err = rel_err(got, truth)
     assert err <= 1e-6, f"relative error {err:.2e} > 1e-6"
+
+
+# --------------------------------------------------------------- InfoNCE: normalisation scale
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_normalized_infonce_is_scale_safe(backend, device, scale, symmetric):
+    usable(backend, device)
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(16, 32, generator=g, dtype=f64)
+    k = 0.6 * q + 0.8 * torch.randn(16, 32, generator=g, dtype=f64)
+    tau = 0.1
+
+    def truth():  # cosine similarities of the unscaled rows: the loss is scale-invariant
+        qt, kt = q.clone().requires_grad_(), k.clone().requires_grad_()
+        s = F.normalize(qt, dim=1) @ F.normalize(kt, dim=1).T / tau
+        labels = torch.arange(16)
+        loss = F.cross_entropy(s, labels)
+        if symmetric:
+            loss = (loss + F.cross_entropy(s.T, labels)) / 2
+        return (loss.detach(), *torch.autograd.grad(loss, (qt, kt)))
+
+    qs = (q * scale).to(f32).to(device).requires_grad_()
+    ks = (k * scale).to(f32).to(device).requires_grad_()
+    loss = infonce(qs, ks, temperature=tau, symmetric=symmetric, backend=backend)
+    dq, dk = torch.autograd.grad(loss, (qs, ks))
+    # d loss/d(scale·a) = (d loss/d a)/scale: compare the gradients w.r.t. the unscaled rows
+    got = (loss, dq.double() * scale, dk.double() * scale)
+    for name, gv, t in zip(("loss", "d query", "d key"), got, truth()):
+        err = rel_err(gv, t)
+        assert err <= 1e-5, f"{name}: relative error {err:.2e} > 1e-5 at scale {scale:g}"
+
+
+# ------------------------------------------------------------------------ InfoNCE: tiny τ
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_temperature_whose_reciprocal_overflows_is_one_value_error(backend, device):
+    usable(backend, device)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(8, 16, generator=g).to(device)
+    k = torch.randn(8, 16, generator=g).to(device)
+    for tau in (1e-40, torch.tensor(1e-40, dtype=f64, device=device), torch.tensor(1e-40, device=device)):
+        # a float32 tensor holds 1e-40 as the subnormal 9.99995e-41
+        with pytest.raises(ValueError, match=r"temperature must lie in \[2\.94e-39.*float32.*got (1e-40|9\.99995e-41)"):
+            infonce(q, k, temperature=tau, backend=backend)
+    with pytest.raises(ValueError, match=r"temperature.*float32"):  # bf16 accumulates in float32
+        infonce(q.bfloat16(), k.bfloat16(), temperature=1e-40, backend=backend)
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_tiny_temperature_in_float64_gives_one_value(backend, device):
+    # 1/τ = 1e40 is finite in float64: every backend returns the float64 cross-entropy (≈ 1e37 here).
+    usable(backend, device, f64)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(8, 16, generator=g, dtype=f64)
+    k = 0.6 * q + 0.8 * torch.randn(8, 16, generator=g, dtype=f64)
+    tau = 1e-40
+    truth = F.cross_entropy(F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / tau, torch.arange(8), reduction="none")
+    got = infonce(q.to(device), k.to(device), temperature=tau, reduction="none", backend=backend)
+    # loss_i = lse_i − s_ii/τ, both ~1e40: float64 rounding of those terms is ~1e24
+    magnitude = 2 / tau
+    err = (got.cpu() - truth).abs().max().item()
+    assert err <= 1e-14 * magnitude, f"max abs error {err:.3g} > {1e-14 * magnitude:.3g}"

@@ -87,6 +87,16 @@ def test_infonce_rejects_temperature_of_wrong_type(value):
         infonce(rows(2, 3), rows(2, 3), temperature=value)
 
 
+@pytest.mark.parametrize("value", [1e-40, 1e39])
+def test_infonce_rejects_temperature_out_of_the_accumulation_range(value):
+    # 1/1e-40 and 1e39 overflow float32, the accumulation dtype of float32/bf16/fp16 inputs
+    with raises(ValueError, "temperature", "float32", "1/temperature"):
+        infonce(rows(2, 3), rows(2, 3), temperature=value)
+    with raises(ValueError, "temperature", "float32"):
+        infonce(rows(2, 3, torch.bfloat16), rows(2, 3, torch.bfloat16), temperature=value)
+    assert torch.isfinite(infonce(rows(2, 3, torch.float64), rows(2, 3, torch.float64), temperature=value))
+
+
 def test_infonce_rejects_bad_temperature_tensors():
     with raises(ValueError, "temperature", "0-dim"):
         infonce(rows(2, 3), rows(2, 3), temperature=torch.tensor([0.1]))
