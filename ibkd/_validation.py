@@ -86,6 +86,32 @@ def check_temperature_range(name: str, value, acc: torch.dtype) -> None:
         )
 
 
+def check_rows_vary(name: str, t: torch.Tensor, why: str) -> None:
+    """Rejects a matrix whose rows are all identical (one comparison against the first row; skipped
+    while torch.compile traces)."""
+    if _compiling():
+        return
+    if bool((t == t[:1]).all()):
+        raise ValueError(f"{name} has every row identical, so {why}")
+
+
+def check_hsic_self_positive(name: str, value: torch.Tensor, magnitude: torch.Tensor, why: str) -> None:
+    """Rejects a self-HSIC that is not above its own rounding error, 8·eps·``magnitude`` (the size of
+    the terms that cancelled in it). NaN (from NaN inputs with check_finite=False) is left to
+    propagate; skipped while torch.compile traces."""
+    if _compiling():
+        return
+    v = float(value.detach())
+    bound = 8.0 * torch.finfo(value.dtype).eps * float(magnitude.detach())
+    if v <= bound:
+        raise ValueError(
+            f"HSIC({name}, {name}) = {v:.3g} is not above its rounding error {bound:.3g} in "
+            f"{str(value.dtype).replace('torch.', '')}: the kernel matrix of {name} is numerically constant "
+            f"(rows (nearly) equal, an RBF gamma too small for their spread, or entries so small that the linear "
+            f"kernel underflows), so {why}"
+        )
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import _validation as v
 from . import ops
 from .backend.base import accumulation_dtype, resolve_backend
+from .backend.reference import NORMALIZED_UNDEFINED, hsic_from_sums, normalize_hsic, self_hsic_magnitude
 
 Number = Union[float, torch.Tensor]
 
@@ -166,15 +167,15 @@ def median_heuristic_gamma(a: torch.Tensor, max_rows: int = MEDIAN_HEURISTIC_MAX
 
 def hsic_from_stats(sums: torch.Tensor, rowsum_k: torch.Tensor, rowsum_l: torch.Tensor, n: int, normalized: bool):
     """Biased HSIC from the fused backends' statistics (see :mod:`ibkd.backend.base`):
-    tr(KHLH) = Σ K∘L − (2/n)(K1)·(L1) + (1ᵀK1)(1ᵀL1)/n², divided by (n−1)²."""
-    sk, sl = rowsum_k.sum(), rowsum_l.sum()
-    scale = 1.0 / (n - 1) ** 2
-    hsic_kl = (sums[0] - 2.0 / n * (rowsum_k @ rowsum_l) + sk * sl / n**2) * scale
+    tr(KHLH) = Σ K∘L − (2/n)(K1)·(L1) + (1ᵀK1)(1ᵀL1)/n², divided by (n−1)², by the reference's
+    own formulas (:func:`ibkd.backend.reference.hsic_from_sums`)."""
+    hsic_kl = hsic_from_sums(sums[0], rowsum_k, rowsum_l, n)
     if not normalized:
         return hsic_kl
-    hsic_kk = (sums[1] - 2.0 / n * (rowsum_k @ rowsum_k) + sk * sk / n**2) * scale
-    hsic_ll = (sums[2] - 2.0 / n * (rowsum_l @ rowsum_l) + sl * sl / n**2) * scale
-    return hsic_kl / torch.sqrt(hsic_kk * hsic_ll)
+    return normalize_hsic(
+        hsic_kl, hsic_from_sums(sums[1], rowsum_k, rowsum_k, n), hsic_from_sums(sums[2], rowsum_l, rowsum_l, n),
+        self_hsic_magnitude(sums[1], rowsum_k, n), self_hsic_magnitude(sums[2], rowsum_l, n),
+    )
 
 
 def _resolve_gamma(name: str, gamma, data: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -215,7 +216,8 @@ def hsic(
             γ = 1/(2·median pairwise squared distance) of the batch.
         gamma_z: bandwidth for z; defaults to ``gamma`` (with "median", computed on z itself).
         kernel: "rbf" or "linear".
-        normalized: return HSIC(x,z)/sqrt(HSIC(x,x)·HSIC(z,z)) (in [0, 1]).
+        normalized: return HSIC(x,z)/sqrt(HSIC(x,x)·HSIC(z,z)) (in [0, 1]). Undefined (0/0) when x or
+            z has all rows equal, or a kernel matrix that is constant in this precision: ValueError.
         backend: "auto" or a name from :func:`ibkd.backends`.
         check_finite: check inputs for NaN/Inf (skipped under torch.compile).
 
@@ -236,6 +238,9 @@ def hsic(
     if check_finite:
         v.check_finite("x", x)
         v.check_finite("z", z)
+    if normalized:  # HSIC(x, x) = 0 exactly; caught here, before rounding can hide it
+        v.check_rows_vary("x", x, NORMALIZED_UNDEFINED)
+        v.check_rows_vary("z", z, NORMALIZED_UNDEFINED)
     dtype = _common_dtype(x, z)
     x, z = centre_rows(x.to(dtype)), centre_rows(z.to(dtype))
     acc = accumulation_dtype(dtype)

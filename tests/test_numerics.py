@@ -19,9 +19,12 @@ normwise: ``max|got − truth| / max|truth|``.
   (squares underflow): the loss is scale-invariant, so it must equal the unscaled float64 loss.
 * τ = 1e-40: 1/τ overflows float32, so every backend raises the same ValueError; in float64 it is a
   valid temperature and every backend returns the same (huge) loss.
+* Normalized HSIC of a constant input is 0/0: a ValueError naming the input, never NaN or ±inf.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -256,3 +259,34 @@ def test_tiny_temperature_in_float64_gives_one_value(backend, device):
     magnitude = 2 / tau
     err = (got.cpu() - truth).abs().max().item()
     assert err <= 1e-14 * magnitude, f"max abs error {err:.3g} > {1e-14 * magnitude:.3g}"
+
+
+# ------------------------------------------------------------- normalized HSIC: constant input
+
+
+@pytest.mark.parametrize("which", ["x", "z"])
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_normalized_hsic_of_a_constant_input_is_a_value_error(backend, device, kernel, which):
+    usable(backend, device)
+    g = torch.Generator().manual_seed(5)
+    args = {"x": torch.randn(16, 8, generator=g), "z": torch.randn(16, 4, generator=g)}
+    args[which] = torch.full_like(args[which], 0.3)
+    with pytest.raises(ValueError, match=rf"{which} has every row identical.*normalized HSIC.*undefined"):
+        hsic(args["x"].to(device), args["z"].to(device), kernel=kernel, normalized=True, backend=backend)
+    # the unnormalized HSIC of a constant is a defined 0 (a constant carries no information)
+    value = hsic(args["x"].to(device), args["z"].to(device), kernel=kernel, backend=backend)
+    assert abs(value.item()) <= 1e-6
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_normalized_hsic_of_a_numerically_constant_kernel_is_a_value_error(backend, device):
+    # Distinct rows, but γ·‖x_i − x_j‖² ~ 1e-30: K is all ones in float32 and HSIC(x, x) = 0.
+    usable(backend, device)
+    g = torch.Generator().manual_seed(6)
+    x, z = torch.randn(24, 8, generator=g).to(device), torch.randn(24, 4, generator=g).to(device)
+    with pytest.raises(ValueError, match=r"HSIC\(x, x\).*rounding error.*numerically constant"):
+        hsic(x, z, gamma=1e-30, gamma_z=1.0, normalized=True, backend=backend)
+    with pytest.raises(ValueError, match=r"HSIC\(z, z\).*rounding error.*numerically constant"):
+        hsic(x, z, gamma=1.0, gamma_z=1e-30, normalized=True, backend=backend)
+    assert math.isfinite(hsic(x, z, gamma=1.0, normalized=True, backend=backend).item())

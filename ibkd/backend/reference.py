@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _validation  # a module import: _validation itself imports ibkd.backend.base
 from .base import Backend, accumulation_dtype
 
 
@@ -52,23 +53,55 @@ def kernel_matrix(a: torch.Tensor, gamma, kernel: str) -> torch.Tensor:
     return a @ a.T  # linear
 
 
-def hsic_from_kernels(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """Biased HSIC tr(K H L H)/(n−1)², expanded so no n×n product is formed:
-    tr(KHLH) = Σ K∘L − (2/n)·(K1)·(L1) + (1ᵀK1)(1ᵀL1)/n²  (K, L symmetric)."""
-    n = K.shape[0]
-    rk, rl = K.sum(dim=1), L.sum(dim=1)
-    trace = (K * L).sum() - 2.0 / n * (rk @ rl) + rk.sum() * rl.sum() / n**2
+def hsic_from_sums(sum_prod: torch.Tensor, rowsum_a: torch.Tensor, rowsum_b: torch.Tensor, n: int) -> torch.Tensor:
+    """Biased HSIC tr(A H B H)/(n−1)² of symmetric n×n kernels from Σ A∘B and the row sums A1, B1:
+    tr(AHBH) = Σ A∘B − (2/n)·(A1)·(B1) + (1ᵀA1)(1ᵀB1)/n², so no n×n product is formed. The fused
+    backends return exactly these statistics (see :mod:`ibkd.backend.base`)."""
+    trace = sum_prod - 2.0 / n * (rowsum_a @ rowsum_b) + rowsum_a.sum() * rowsum_b.sum() / n**2
     return trace / (n - 1) ** 2
+
+
+def self_hsic_magnitude(sum_sq: torch.Tensor, rowsum: torch.Tensor, n: int) -> torch.Tensor:
+    """The size of the three terms that cancel in HSIC(a, a) = :func:`hsic_from_sums` (A, A): its
+    rounding error is a small multiple of machine epsilon times this."""
+    return (sum_sq + 2.0 / n * (rowsum @ rowsum) + rowsum.sum() ** 2 / n**2) / (n - 1) ** 2
+
+
+def hsic_from_kernels(K: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
+    """Biased HSIC tr(K H L H)/(n−1)² (K, L symmetric), via :func:`hsic_from_sums`."""
+    return hsic_from_sums((K * L).sum(), K.sum(dim=1), L.sum(dim=1), K.shape[0])
+
+
+#: what a degenerate denominator of the normalized HSIC means, for the error message
+NORMALIZED_UNDEFINED = "normalized HSIC = HSIC(x, z)/sqrt(HSIC(x, x)·HSIC(z, z)) is undefined (0/0); use normalized=False"
+
+
+def normalize_hsic(hsic_xz, hsic_xx, hsic_zz, magnitude_xx, magnitude_zz) -> torch.Tensor:
+    """HSIC(x, z)/√(HSIC(x, x)·HSIC(z, z)).
+
+    HSIC(a, a) = ‖HAH‖²_F/(n−1)² is 0 exactly when the centred kernel matrix is 0 (all rows equal,
+    or a bandwidth so small that A is constant in this precision); computed, it is then rounding noise
+    of either sign and the ratio came out as NaN, ±inf or a meaningless number. A self-HSIC not above
+    its own rounding error (8·eps·magnitude) raises a ValueError naming the input instead."""
+    _validation.check_hsic_self_positive("x", hsic_xx, magnitude_xx, NORMALIZED_UNDEFINED)
+    _validation.check_hsic_self_positive("z", hsic_zz, magnitude_zz, NORMALIZED_UNDEFINED)
+    return hsic_xz / torch.sqrt(hsic_xx * hsic_zz)
 
 
 def hsic(x: torch.Tensor, z: torch.Tensor, gamma_x, gamma_z, kernel: str, normalized: bool) -> torch.Tensor:
     acc = accumulation_dtype(x.dtype)
     x, z = x.to(acc), z.to(acc)
+    n = x.shape[0]
     K = kernel_matrix(x, gamma_x, kernel)
     L = kernel_matrix(z, gamma_z, kernel)
-    value = hsic_from_kernels(K, L)
+    rk, rl = K.sum(dim=1), L.sum(dim=1)
+    value = hsic_from_sums((K * L).sum(), rk, rl, n)
     if normalized:
-        value = value / torch.sqrt(hsic_from_kernels(K, K) * hsic_from_kernels(L, L))
+        kk, ll = (K * K).sum(), (L * L).sum()
+        value = normalize_hsic(
+            value, hsic_from_sums(kk, rk, rk, n), hsic_from_sums(ll, rl, rl, n),
+            self_hsic_magnitude(kk, rk, n), self_hsic_magnitude(ll, rl, n),
+        )
     return value
 
 
