@@ -29,7 +29,11 @@ accumulation dtype ``acc`` is float64 for float64 inputs and float32 otherwise):
 
 ``hsic_stats(x, z, gammas, kernel) -> (sums, rowsum_k, rowsum_l)``
     ``x`` (n, dx), ``z`` (n, dz); ``gammas`` an ``acc`` tensor (2,) = (γ_x, γ_z); ``kernel`` is
-    ``"rbf"`` (K_ij = exp(−γ_x‖x_i−x_j‖²)) or ``"linear"`` (K = xxᵀ), L likewise from z.
+    ``"rbf"`` (K_ij = exp(−γ_x‖x_i−x_j‖²)) or ``"linear"`` (K = xxᵀ), L likewise from z. RBF
+    diagonals are exactly 1: a distance ‖x_i‖² + ‖x_i‖² − 2x_i·x_i from the Gram expansion is rounding
+    noise ~u·‖x_i‖² that a large γ turns into K_ii < 1 (``tests/test_numerics.py``).
+    :func:`ibkd.functional.hsic` passes x and z with their mean row subtracted (HSIC is unchanged), so
+    the expansion does not cancel for rows with a large common offset.
     ``sums`` (3,) = (Σ K∘L, Σ K∘K, Σ L∘L); ``rowsum_k`` = K·1 (n,), ``rowsum_l`` = L·1 (n,); all ``acc``.
     Every HSIC value (plain or normalized) is a closed form of these statistics (see
     :func:`ibkd.functional.hsic_from_stats`).
