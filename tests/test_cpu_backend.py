@@ -93,11 +93,14 @@ def num_threads(n):
 
 
 # Default tiles; tiny tiles (several row blocks, column chunks of 16 → online lse and the two-pass
-# fused path, 16×16 HSIC tiles with ragged edges); tiny tiles in one chunk (a single accumulator).
+# fused path, 16×16 HSIC tiles with ragged edges); tiny tiles in one chunk (a single accumulator);
+# small tiles through the fallback GEMM (MKL) and the scalar epilogues.
 TILINGS = {
     "default": {},
     "small": dict(infonce_block_rows=8, infonce_max_tile_cols=16, hsic_block=16),
     "small_serial": dict(infonce_block_rows=5, infonce_max_tile_cols=7, hsic_block=9, max_accumulators=1),
+    # the fallbacks of the float32 path: ATen/MKL tile GEMMs instead of oneDNN, scalar epilogues
+    "mkl_scalar": dict(onednn=0, simd=0, infonce_block_rows=8, hsic_block=16),
 }
 
 
@@ -434,11 +437,20 @@ def test_cpu_backend_is_available_and_chosen_by_auto():
     assert {"cpu"} <= {b.name for b in ibkd.backends() if b.available}
     reference = get_backend("reference")
     cpu = torch.device("cpu")
+    from ibkd.backend.cpu import PREFER_REFERENCE_BELOW
+
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         assert CPU.supports(cpu, dtype) is None
-        for op, shape in (("infonce", (8, 8, 4)), ("hsic", (8, 4, 4))):
+        for op in ("infonce", "hsic"):
+            big = max(2, PREFER_REFERENCE_BELOW[op])
+            shape = (big, big, 4) if op == "infonce" else (big, 4, 4)
             assert CPU.priority(cpu, dtype, op, shape) > reference.priority(cpu, dtype, op, shape)
-            assert resolve_backend("auto", cpu, dtype, op, shape).name != "reference"
+            assert resolve_backend("auto", cpu, dtype, op, shape).name == "cpu"
+            if PREFER_REFERENCE_BELOW[op] > 1:  # below the measured crossover, auto takes the reference
+                small = PREFER_REFERENCE_BELOW[op] - 1
+                shape = (small, small, 4) if op == "infonce" else (small, 4, 4)
+                assert CPU.priority(cpu, dtype, op, shape) < reference.priority(cpu, dtype, op, shape)
+                assert resolve_backend("auto", cpu, dtype, op, shape).name == "reference"
     assert CPU.supports(torch.device("meta"), torch.float32) is not None
     assert CPU.supports(torch.device("cpu"), torch.int64) is not None
 

@@ -14,6 +14,7 @@
 //     RBF: dx = −2γ_x (diag(W1) X − W X);  linear: dx = W X.
 //   2 Gram GEMMs + 4 product GEMMs per off-diagonal tile pair (per-worker n×D accumulators).
 #include "ibkd_cpu.h"
+#include "simd.h"
 
 #include <cmath>
 
@@ -99,7 +100,7 @@ void kernel_tile(Tensor& out, const Tensor& a, const Tensor& sq, double gamma, K
                  const TilePair& p) {
   const Tensor a_i = a.narrow(0, p.i.start, p.i.size), a_j = a.narrow(0, p.j.start, p.j.size);
   if (kernel == Kernel::kLinear) {
-    at::mm_out(out, a_i, a_j.t());
+    gemm(out, a_i, a_j.t(), 0.0, 1.0);
     return;
   }
   at::add_out(out, sq.narrow(0, p.i.start, p.i.size).unsqueeze(1),
@@ -118,12 +119,200 @@ void add_row_and_column_sums(Tensor& acc, const Tensor& t, const TilePair& p) {
   if (!p.diagonal()) acc.narrow(0, p.j.start, p.j.size).add_(t.sum(0));
 }
 
+
+// ------------------------------------------------------------------ float32 path (fused epilogues)
+//
+// Per tile pair: the Gram tiles X_I X_Jᵀ and Z_I Z_Jᵀ by GEMM, then one vectorised pass (simd.cpp)
+// that forms K and L from them and accumulates every statistic (forward), or forms the weights W and
+// V in place with their row/column sums (backward), followed by the product GEMMs. Before, each tile
+// went through ~10 (forward) / ~20 (backward) separate ATen element-wise ops.
+
+simd::HsicTile tile_args(const HsicInputs& in, const TilePair& p, int64_t ld) {
+  simd::HsicTile t;
+  t.ri = p.i.size;
+  t.rj = p.j.size;
+  t.ld = ld;
+  t.rbf = in.kernel == Kernel::kRbf;
+  t.gamma_x = static_cast<float>(in.gx);
+  t.gamma_z = static_cast<float>(in.gz);
+  t.sqx_i = t.sqx_j = t.sqz_i = t.sqz_j = nullptr;
+  if (t.rbf) {
+    const float* sx = in.sqx.data_ptr<float>();
+    const float* sz = in.sqz.data_ptr<float>();
+    t.sqx_i = sx + p.i.start;
+    t.sqx_j = sx + p.j.start;
+    t.sqz_i = sz + p.i.start;
+    t.sqz_j = sz + p.j.start;
+  }
+  return t;
+}
+
+void gram_tiles(const HsicInputs& in, const TilePair& p, Tensor& gx, Tensor& gz) {
+  gemm(gx, in.x.narrow(0, p.i.start, p.i.size), in.x.narrow(0, p.j.start, p.j.size).t(), 0.0, 1.0);
+  gemm(gz, in.z.narrow(0, p.i.start, p.i.size), in.z.narrow(0, p.j.start, p.j.size).t(), 0.0, 1.0);
+}
+
+std::tuple<Tensor, Tensor, Tensor> hsic_stats_float(const HsicInputs& in) {
+  const int64_t n = in.n;
+  const auto opts = in.x.options();
+  const std::vector<TilePair> pairs = tile_pairs(n);
+  const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(n);
+  const int64_t bs = std::max<int64_t>(1, std::min<int64_t>(n, tuning().hsic_block));
+  const ChunkPlan plan = plan_chunks(npairs);
+  struct Slot {
+    double sums[3] = {0, 0, 0};
+    std::vector<double> rk, rl;
+  };
+  std::vector<Slot> slots(plan.count);
+
+  parallel_chunks(npairs, plan, [&](int64_t p0, int64_t p1, int64_t slot_index) {
+    Slot& s = slots[slot_index];
+    s.rk.assign(n, 0.0);
+    s.rl.assign(n, 0.0);
+    Tensor gx_buf = at::empty({elems}, opts), gz_buf = at::empty({elems}, opts);
+    std::vector<float> rowk(bs), rowl(bs), colk(bs), coll(bs);
+    for (int64_t p = p0; p < p1; ++p) {
+      const TilePair& pair = pairs[p];
+      Tensor gx = tile_view(gx_buf, pair.i.size, pair.j.size), gz = tile_view(gz_buf, pair.i.size, pair.j.size);
+      gram_tiles(in, pair, gx, gz);
+      const bool off = !pair.diagonal();
+      std::fill(rowk.begin(), rowk.end(), 0.0f);
+      std::fill(rowl.begin(), rowl.end(), 0.0f);
+      std::fill(colk.begin(), colk.end(), 0.0f);
+      std::fill(coll.begin(), coll.end(), 0.0f);
+      double tile_sums[3] = {0, 0, 0};
+      simd::hsic_tile_stats(tile_args(in, pair, pair.j.size), gx.data_ptr<float>(), gz.data_ptr<float>(),
+                            tile_sums, rowk.data(), rowl.data(), off ? colk.data() : nullptr,
+                            off ? coll.data() : nullptr);
+      const double weight = off ? 2.0 : 1.0;  // an off-diagonal pair also stands for its transpose
+      for (int c = 0; c < 3; ++c) s.sums[c] += weight * tile_sums[c];
+      for (int64_t i = 0; i < pair.i.size; ++i) {
+        s.rk[pair.i.start + i] += rowk[i];
+        s.rl[pair.i.start + i] += rowl[i];
+      }
+      if (off) {
+        for (int64_t j = 0; j < pair.j.size; ++j) {
+          s.rk[pair.j.start + j] += colk[j];
+          s.rl[pair.j.start + j] += coll[j];
+        }
+      }
+    }
+  });
+
+  double sums[3] = {0, 0, 0};
+  std::vector<double> rk(n, 0.0), rl(n, 0.0);
+  for (const auto& s : slots) {  // in chunk order: deterministic
+    if (s.rk.empty()) continue;
+    for (int c = 0; c < 3; ++c) sums[c] += s.sums[c];
+    for (int64_t i = 0; i < n; ++i) {
+      rk[i] += s.rk[i];
+      rl[i] += s.rl[i];
+    }
+  }
+  const auto opts64 = opts.dtype(at::kDouble);
+  Tensor t_sums = at::tensor({sums[0], sums[1], sums[2]}, opts64).to(at::kFloat);
+  Tensor t_rk = at::empty({n}, opts64), t_rl = at::empty({n}, opts64);
+  std::copy(rk.begin(), rk.end(), t_rk.data_ptr<double>());
+  std::copy(rl.begin(), rl.end(), t_rl.data_ptr<double>());
+  return {t_sums, t_rk.to(at::kFloat), t_rl.to(at::kFloat)};
+}
+
+std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, double g1, double g2,
+                                               const Tensor& grk, const Tensor& grl) {
+  const int64_t n = in.n, dx = in.x.size(1), dz = in.z.size(1);
+  const auto opts = in.x.options();
+  const bool rbf = in.kernel == Kernel::kRbf;
+  const std::vector<TilePair> pairs = tile_pairs(n);
+  const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(n);
+  const int64_t bs = std::max<int64_t>(1, std::min<int64_t>(n, tuning().hsic_block));
+  const ChunkPlan plan = plan_chunks(npairs);
+  const float* grk_p = grk.data_ptr<float>();
+  const float* grl_p = grl.data_ptr<float>();
+  struct Slot {
+    Tensor wx, vz;
+    std::vector<double> wrow, vrow;
+  };
+  std::vector<Slot> slots(plan.count);
+
+  parallel_chunks(npairs, plan, [&](int64_t p0, int64_t p1, int64_t slot_index) {
+    Slot& s = slots[slot_index];
+    s.wx = at::zeros({n, dx}, opts);
+    s.vz = at::zeros({n, dz}, opts);
+    if (rbf) {
+      s.wrow.assign(n, 0.0);
+      s.vrow.assign(n, 0.0);
+    }
+    Tensor w_buf = at::empty({elems}, opts), v_buf = at::empty({elems}, opts);
+    std::vector<float> roww(bs), rowv(bs), colw(bs), colv(bs);
+    for (int64_t p = p0; p < p1; ++p) {
+      const TilePair& pair = pairs[p];
+      const int64_t ri = pair.i.size, rj = pair.j.size;
+      const bool off = !pair.diagonal();
+      Tensor W = tile_view(w_buf, ri, rj), V = tile_view(v_buf, ri, rj);
+      gram_tiles(in, pair, W, V);
+      std::fill(roww.begin(), roww.end(), 0.0f);
+      std::fill(rowv.begin(), rowv.end(), 0.0f);
+      std::fill(colw.begin(), colw.end(), 0.0f);
+      std::fill(colv.begin(), colv.end(), 0.0f);
+      simd::hsic_tile_weights(tile_args(in, pair, rj), W.data_ptr<float>(), V.data_ptr<float>(),
+                              static_cast<float>(g0), static_cast<float>(g1), static_cast<float>(g2),
+                              grk_p + pair.i.start, grk_p + pair.j.start, grl_p + pair.i.start,
+                              grl_p + pair.j.start, rbf ? roww.data() : nullptr, rbf ? rowv.data() : nullptr,
+                              rbf && off ? colw.data() : nullptr, rbf && off ? colv.data() : nullptr);
+      // W and V are the (I, J) blocks of symmetric matrices: the (J, I) block is their transpose
+      gemm(s.wx.narrow(0, pair.i.start, ri), W, in.x.narrow(0, pair.j.start, rj), 1.0, 1.0);
+      gemm(s.vz.narrow(0, pair.i.start, ri), V, in.z.narrow(0, pair.j.start, rj), 1.0, 1.0);
+      if (off) {
+        gemm(s.wx.narrow(0, pair.j.start, rj), W.t(), in.x.narrow(0, pair.i.start, ri), 1.0, 1.0);
+        gemm(s.vz.narrow(0, pair.j.start, rj), V.t(), in.z.narrow(0, pair.i.start, ri), 1.0, 1.0);
+      }
+      if (rbf) {
+        for (int64_t i = 0; i < ri; ++i) {
+          s.wrow[pair.i.start + i] += roww[i];
+          s.vrow[pair.i.start + i] += rowv[i];
+        }
+        if (off) {
+          for (int64_t j = 0; j < rj; ++j) {
+            s.wrow[pair.j.start + j] += colw[j];
+            s.vrow[pair.j.start + j] += colv[j];
+          }
+        }
+      }
+    }
+  });
+
+  Tensor wx, vz;
+  std::vector<double> wrow(rbf ? n : 0, 0.0), vrow(rbf ? n : 0, 0.0);
+  for (auto& s : slots) {  // in chunk order: deterministic
+    if (!s.wx.defined()) continue;
+    if (!wx.defined()) {
+      wx = s.wx;
+      vz = s.vz;
+    } else {
+      wx.add_(s.wx);
+      vz.add_(s.vz);
+    }
+    for (int64_t i = 0; i < (int64_t)s.wrow.size(); ++i) {
+      wrow[i] += s.wrow[i];
+      vrow[i] += s.vrow[i];
+    }
+  }
+  if (rbf) {  // dx = −2γ (diag(W1) X − W X)
+    Tensor tw = at::empty({n}, opts.dtype(at::kDouble)), tv = at::empty({n}, opts.dtype(at::kDouble));
+    std::copy(wrow.begin(), wrow.end(), tw.data_ptr<double>());
+    std::copy(vrow.begin(), vrow.end(), tv.data_ptr<double>());
+    wx.sub_(in.x * tw.to(at::kFloat).unsqueeze(1)).mul_(2.0 * in.gx);
+    vz.sub_(in.z * tv.to(at::kFloat).unsqueeze(1)).mul_(2.0 * in.gz);
+  }
+  return {wx.to(in.dtype), vz.to(in.dtype)};
+}
 }  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> hsic_stats(const Tensor& x, const Tensor& z,
                                               const Tensor& gammas, const std::string& kernel) {
   at::NoGradGuard no_grad;
   const HsicInputs in = prepare("hsic_stats", x, z, gammas, kernel);
+  if (in.x.scalar_type() == at::kFloat) return hsic_stats_float(in);
   const auto opts = in.x.options();
   const auto opts64 = opts.dtype(at::kDouble);
   const std::vector<TilePair> pairs = tile_pairs(in.n);
@@ -187,6 +376,7 @@ std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Te
   const double g0 = g[0].item<double>(), g1 = g[1].item<double>(), g2 = g[2].item<double>();
   const Tensor grk = grad_rowsum_k.detach().to(opts.dtype()).contiguous();
   const Tensor grl = grad_rowsum_l.detach().to(opts.dtype()).contiguous();
+  if (in.x.scalar_type() == at::kFloat) return hsic_backward_float(in, g0, g1, g2, grk, grl);
   const bool rbf = in.kernel == Kernel::kRbf;
   const std::vector<TilePair> pairs = tile_pairs(n);
   const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(n);
@@ -209,8 +399,8 @@ std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Te
   // acc[I] += T a[J], acc[J] += Tᵀ a[I] (off-diagonal), and the row sums of T for RBF.
   auto accumulate = [&](Tensor& acc, Tensor& row, const Tensor& T, const Tensor& a, const TilePair& p) {
     const Tensor a_i = a.narrow(0, p.i.start, p.i.size), a_j = a.narrow(0, p.j.start, p.j.size);
-    acc.narrow(0, p.i.start, p.i.size).addmm_(T, a_j);
-    if (!p.diagonal()) acc.narrow(0, p.j.start, p.j.size).addmm_(T.t(), a_i);
+    gemm(acc.narrow(0, p.i.start, p.i.size), T, a_j, 1.0, 1.0);
+    if (!p.diagonal()) gemm(acc.narrow(0, p.j.start, p.j.size), T.t(), a_i, 1.0, 1.0);
     if (rbf) add_row_and_column_sums(row, T, p);
   };
 

@@ -24,8 +24,10 @@ using at::Tensor;
 // set_cpu_tuning(name, value)) so benchmarks can sweep them and tests can force many small tiles;
 // sweep them with a benchmark before changing the defaults.
 struct Tuning {
-  // InfoNCE: rows per row block (the logits tile is block_rows × min(N, max_tile_cols)).
-  int64_t infonce_block_rows = 128;
+  // InfoNCE: most rows per row block (the logits tile is rows × min(N, max_tile_cols)); the row
+  // count is further capped so that one tile holds at most infonce_tile_kib KiB (see row_block).
+  int64_t infonce_block_rows = 256;
+  int64_t infonce_tile_kib = 8192;
   // InfoNCE: widest logits tile; wider rows are processed in column chunks (online log-sum-exp),
   // and the fused forward+backward then falls back to a forward pass plus a backward pass.
   int64_t infonce_max_tile_cols = 32768;
@@ -34,6 +36,8 @@ struct Tuning {
   // Upper bound on the number of parallel workers that keep their own gradient accumulator
   // (O(N·D) each); more threads than this share the work in fewer, larger chunks.
   int64_t max_accumulators = 16;
+  // 1: float32 tile GEMMs through oneDNN (gemm.cpp says why), 0: through ATen/MKL.
+  int64_t onednn = 1;
 };
 
 Tuning& tuning();
@@ -83,6 +87,11 @@ void parallel_chunks(int64_t n, const ChunkPlan& plan, const Body& body) {
     }
   });
 }
+
+// out = beta·out + alpha·(a @ b) for 2-D (possibly transposed) views; see gemm.cpp.
+void gemm(const Tensor& out, const Tensor& a, const Tensor& b, double beta, double alpha);
+bool onednn_gemm_available();
+bool onednn_gemm_active();
 
 // ----------------------------------------------------------------------------------- kernels
 

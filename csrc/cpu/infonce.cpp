@@ -15,10 +15,16 @@
 //   column log-sum-exps of all rows before any gradient, so it is forward then backward: 4 GEMMs.
 //
 // dinv = Σ G∘S with S = Q Kᵀ equals Σ_i q_i·(G K)_i, so it comes from the dQ GEMM for free.
+//
+// float32 (and half inputs, upcast to float32): the tile GEMMs go through gemm() (oneDNN, see
+// gemm.cpp) and the fused path's element-wise work (row max, exp, Σ, G = w·P − w·δ) is one
+// vectorised sweep per row (simd.cpp) while the row is in L2, instead of six ATen ops over the tile.
 #include "ibkd_cpu.h"
+#include "simd.h"
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace ibkd {
 namespace cpu {
@@ -60,12 +66,15 @@ InfoNCEInputs prepare(const char* fn, const Tensor& q, const Tensor& k, const Te
           q.size(0), k.size(0), q.size(1)};
 }
 
-// Rows per block: at most Tuning::infonce_block_rows, and a multiple-of-workers block count so
-// every worker gets the same number of rows.
-int64_t row_block(int64_t B) {
+// Rows per block: at most Tuning::infonce_block_rows, at most as many as keep one rows × cols tile
+// within Tuning::infonce_tile_kib (the tile is swept several times per block: it should stay in the
+// last-level cache, shared by the workers), and a multiple-of-workers block count so every worker
+// gets the same number of rows.
+int64_t row_block(int64_t B, int64_t cols, int64_t elem_size) {
   const int64_t workers = std::max<int64_t>(
       1, std::min<int64_t>((int64_t)at::get_num_threads(), tuning().max_accumulators));
-  const int64_t br_max = std::max<int64_t>(1, tuning().infonce_block_rows);
+  const int64_t by_bytes = std::max<int64_t>(1, tuning().infonce_tile_kib * 1024 / std::max<int64_t>(1, cols * elem_size));
+  const int64_t br_max = std::max<int64_t>(1, std::min<int64_t>(tuning().infonce_block_rows, by_bytes));
   const int64_t blocks = std::min<int64_t>(B, workers * ceil_div(B, workers * br_max));
   return ceil_div(B, blocks);
 }
@@ -126,7 +135,8 @@ template <typename scalar_t>
 std::tuple<Tensor, Tensor> forward_impl(const InfoNCEInputs& in, bool symmetric) {
   const int64_t B = in.B, N = in.N, D = in.D;
   const auto opts = in.q.options();
-  const int64_t br = row_block(B), bc = std::min<int64_t>(N, std::max<int64_t>(1, tuning().infonce_max_tile_cols));
+  const int64_t bc = std::min<int64_t>(N, std::max<int64_t>(1, tuning().infonce_max_tile_cols));
+  const int64_t br = row_block(B, bc, sizeof(scalar_t));
   const int64_t nblocks = ceil_div(B, br);
   const ChunkPlan plan = plan_chunks(nblocks);
   const double inf = std::numeric_limits<double>::infinity();
@@ -150,7 +160,15 @@ std::tuple<Tensor, Tensor> forward_impl(const InfoNCEInputs& in, bool symmetric)
       for (int64_t j0 = 0; j0 < N; j0 += bc) {
         const int64_t cols = std::min(bc, N - j0);
         Tensor t = tile_view(tile_buf, rows, cols);
-        at::mm_out(t, qc, in.k.narrow(0, j0, cols).t());
+        gemm(t, qc, in.k.narrow(0, j0, cols).t(), 0.0, 1.0);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (!symmetric && cols == N) {  // whole rows: the exact log-sum-exp in one vectorised sweep
+            simd::infonce_rows_lse(t.data_ptr<float>(), rows, N, N, i0, lse_row.data_ptr<float>() + i0,
+                                   pos_ptr + i0);
+            m_run.reset();
+            break;
+          }
+        }
         read_diagonal<scalar_t>(t, i0, j0, pos_ptr);
         if (symmetric) {  // online column statistics of this worker
           Tensor cmax = col_max[slot].narrow(0, j0, cols), csum = col_sum[slot].narrow(0, j0, cols);
@@ -166,7 +184,7 @@ std::tuple<Tensor, Tensor> forward_impl(const InfoNCEInputs& in, bool symmetric)
         s_run.mul_((m_run - new_m).exp_()).add_(t.sum(1));
         m_run = new_m;
       }
-      lse_row.narrow(0, i0, rows).copy_(m_run + s_run.log());
+      if (m_run.defined()) lse_row.narrow(0, i0, rows).copy_(m_run + s_run.log());
     }
   });
 
@@ -189,7 +207,8 @@ void backward_impl(const InfoNCEInputs& in, const Tensor& w, const Tensor& lse, 
                    Tensor& dq, Tensor& dk, Tensor& dinv) {
   const int64_t B = in.B, N = in.N, D = in.D;
   const auto opts = in.q.options();
-  const int64_t br = row_block(B), bc = std::min<int64_t>(N, std::max<int64_t>(1, tuning().infonce_max_tile_cols));
+  const int64_t bc = std::min<int64_t>(N, std::max<int64_t>(1, tuning().infonce_max_tile_cols));
+  const int64_t br = row_block(B, bc, sizeof(scalar_t));
   const int64_t nblocks = ceil_div(B, br);
   const ChunkPlan plan = plan_chunks(nblocks);
   const scalar_t* w_ptr = w.data_ptr<scalar_t>();
@@ -216,7 +235,7 @@ void backward_impl(const InfoNCEInputs& in, const Tensor& w, const Tensor& lse, 
         const int64_t cols = std::min(bc, N - j0);
         const Tensor k_j = in.k.narrow(0, j0, cols);
         Tensor t = tile_view(tile_buf, rows, cols);
-        at::mm_out(t, qc, k_j.t());
+        gemm(t, qc, k_j.t(), 0.0, 1.0);
         if (symmetric) {
           Tensor t2 = tile_view(tile2_buf, rows, cols);
           at::sub_out(t2, t, lse_col.narrow(0, j0, cols).unsqueeze(0));
@@ -226,8 +245,8 @@ void backward_impl(const InfoNCEInputs& in, const Tensor& w, const Tensor& lse, 
           t.sub_(lse_i).exp_().mul_(a_i);
         }
         subtract_diagonal<scalar_t>(t, i0, j0, w_ptr);
-        gk.addmm_(t, k_j);
-        slot.dk.narrow(0, j0, cols).addmm_(t.t(), qc);
+        gemm(gk, t, k_j, 1.0, 1.0);
+        gemm(slot.dk.narrow(0, j0, cols), t.t(), qc, 1.0, 1.0);
       }
       finish_row_block(in, gk, i0, rows, dq, slot);
     }
@@ -242,7 +261,7 @@ void fused_impl(const InfoNCEInputs& in, double grad_weight, Tensor& row_loss, T
                 Tensor& dq, Tensor& dk, Tensor& dinv) {
   const int64_t B = in.B, N = in.N, D = in.D;
   const auto opts = in.q.options();
-  const int64_t br = row_block(B);
+  const int64_t br = row_block(B, N, sizeof(scalar_t));
   const int64_t nblocks = ceil_div(B, br);
   const ChunkPlan plan = plan_chunks(nblocks);
   Tensor pos = at::empty({B}, opts);
@@ -262,16 +281,22 @@ void fused_impl(const InfoNCEInputs& in, double grad_weight, Tensor& row_loss, T
       Tensor qc = tile_view(qc_buf, rows, D), gk = tile_view(gk_buf, rows, D);
       qc.copy_(in.q.narrow(0, i0, rows)).mul_(in.c);
       Tensor t = tile_view(tile_buf, rows, N);
-      at::mm_out(t, qc, in.k.t());
-      read_diagonal<scalar_t>(t, i0, 0, pos_ptr);
-      Tensor m = at::amax(t, {1});
-      t.sub_(m.unsqueeze(1)).exp_();
-      Tensor s = t.sum(1);
-      lse.narrow(0, i0, rows).copy_(m + s.log());
-      t.mul_(s.reciprocal().mul_(grad_weight).unsqueeze(1));  // G = w·P
-      subtract_diagonal<scalar_t>(t, i0, 0, w_ptr);              // − w·δ_ij
-      at::mm_out(gk, t, in.k);
-      slot.dk.addmm_(t.t(), qc);
+      gemm(t, qc, in.k.t(), 0.0, 1.0);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        // one vectorised epilogue, row by row while the row is in L2: max, exp and Σ, G = w·P − w·δ
+        simd::infonce_rows_grad(t.data_ptr<float>(), rows, N, N, i0, static_cast<float>(grad_weight),
+                                lse.data_ptr<float>() + i0, pos_ptr + i0);
+      } else {
+        read_diagonal<scalar_t>(t, i0, 0, pos_ptr);
+        Tensor m = at::amax(t, {1});
+        t.sub_(m.unsqueeze(1)).exp_();
+        Tensor s = t.sum(1);
+        lse.narrow(0, i0, rows).copy_(m + s.log());
+        t.mul_(s.reciprocal().mul_(grad_weight).unsqueeze(1));  // G = w·P
+        subtract_diagonal<scalar_t>(t, i0, 0, w_ptr);              // − w·δ_ij
+      }
+      gemm(gk, t, in.k, 0.0, 1.0);
+      gemm(slot.dk, t.t(), qc, 1.0, 1.0);
       finish_row_block(in, gk, i0, rows, dq, slot);
     }
   });

@@ -1,6 +1,7 @@
 // The pybind11 module ibkd._C: the fused CPU kernels (always) and, when built with IBKD_WITH_CUDA,
 // the CUDA kernels registered by csrc/cuda/bindings.cpp.
 #include "ibkd_cpu.h"
+#include "simd.h"
 
 #ifdef IBKD_WITH_CUDA
 void register_cuda_bindings(pybind11::module_& m);
@@ -19,6 +20,26 @@ Tuning& tuning() {
 
 namespace {
 
+pybind11::dict cpu_gemm_info() {
+  pybind11::dict d;
+  d["onednn_available"] = ibkd::cpu::onednn_gemm_available();
+  d["onednn_active"] = ibkd::cpu::onednn_gemm_active();
+  d["avx512_epilogues"] = ibkd::cpu::simd::avx512_enabled();
+  return d;
+}
+
+// The kernels' own tile GEMM (out = beta·out + alpha·a@b), so benchmarks can measure its rate.
+void tile_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double beta, double alpha) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(out.dim() == 2 && a.dim() == 2 && b.dim() == 2, "tile_gemm: 2-D tensors expected");
+  TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(1) && a.size(1) == b.size(0),
+              "tile_gemm: shapes do not match: out ", out.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
+  TORCH_CHECK(out.scalar_type() == a.scalar_type() && a.scalar_type() == b.scalar_type(),
+              "tile_gemm: one dtype expected");
+  TORCH_CHECK(out.is_contiguous(), "tile_gemm: out must be contiguous");
+  ibkd::cpu::gemm(out, a, b, beta, alpha);
+}
+
 pybind11::dict cpu_tuning() {
   const auto& t = ibkd::cpu::tuning();
   pybind11::dict d;
@@ -26,12 +47,24 @@ pybind11::dict cpu_tuning() {
   d["infonce_max_tile_cols"] = t.infonce_max_tile_cols;
   d["hsic_block"] = t.hsic_block;
   d["max_accumulators"] = t.max_accumulators;
+  d["infonce_tile_kib"] = t.infonce_tile_kib;
+  d["onednn"] = t.onednn;
+  d["simd"] = (int64_t)ibkd::cpu::simd::avx512_enabled();
   return d;
 }
 
 void set_cpu_tuning(const std::string& name, int64_t value) {
-  TORCH_CHECK(value >= 1, "set_cpu_tuning: ", name, " must be >= 1, got ", value);
   auto& t = ibkd::cpu::tuning();
+  if (name == "onednn" || name == "simd") {  // switches: 0 or 1
+    TORCH_CHECK(value == 0 || value == 1, "set_cpu_tuning: ", name, " must be 0 or 1, got ", value);
+    if (name == "onednn") {
+      t.onednn = value;
+    } else {
+      ibkd::cpu::simd::set_avx512_enabled(value != 0);
+    }
+    return;
+  }
+  TORCH_CHECK(value >= 1, "set_cpu_tuning: ", name, " must be >= 1, got ", value);
   if (name == "infonce_block_rows") {
     t.infonce_block_rows = value;
   } else if (name == "infonce_max_tile_cols") {
@@ -40,9 +73,12 @@ void set_cpu_tuning(const std::string& name, int64_t value) {
     t.hsic_block = value;
   } else if (name == "max_accumulators") {
     t.max_accumulators = value;
+  } else if (name == "infonce_tile_kib") {
+    t.infonce_tile_kib = value;
   } else {
     TORCH_CHECK(false, "set_cpu_tuning: unknown setting \"", name,
-                "\"; expected infonce_block_rows, infonce_max_tile_cols, hsic_block or max_accumulators");
+                "\"; expected infonce_block_rows, infonce_max_tile_cols, infonce_tile_kib, hsic_block, "
+                "max_accumulators, onednn or simd");
   }
 }
 
@@ -69,6 +105,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_sums"), py::arg("grad_rowsum_k"), py::arg("grad_rowsum_l"), py::arg("x"),
         py::arg("z"), py::arg("gammas"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());
   m.def("cpu_tuning", &cpu_tuning, "current tile sizes of the CPU kernels");
+  m.def("cpu_gemm_info", &cpu_gemm_info, "which GEMM and epilogue implementations the CPU kernels use");
+  m.def("tile_gemm", &tile_gemm, "the CPU kernels' tile GEMM: out = beta*out + alpha*a@b (benchmarks)",
+        py::arg("out"), py::arg("a"), py::arg("b"), py::arg("beta") = 0.0, py::arg("alpha") = 1.0,
+        py::call_guard<py::gil_scoped_release>());
   m.def("set_cpu_tuning", &set_cpu_tuning, "set one tile size of the CPU kernels (benchmarks)",
         py::arg("name"), py::arg("value"));
 

@@ -23,6 +23,13 @@ except ImportError as e:  # the extension is not built: the backend reports why 
     _IMPORT_ERROR = e
 
 
+#: Problem sizes below which the dense reference is faster than the fused kernels on CPU, so
+#: ``backend="auto"`` picks the reference there: InfoNCE B = N (compared as B·N against size²), HSIC n.
+#: Measured by the benchmark protocol (benchmarks/protocol.py, "crossover" in
+#: benchmarks/results/protocol-*.json; benchmarks/README.md); the fused kernels always win on memory.
+PREFER_REFERENCE_BELOW = {"infonce": 256, "hsic": 256}
+
+
 class CPUBackend(Backend):
     name = "cpu"
     description = "fused C++ CPU kernels (ibkd._C): tiled, no B×N / n×n matrices, multi-threaded"
@@ -47,8 +54,17 @@ class CPUBackend(Backend):
         return None
 
     def priority(self, device, dtype, op, shape):
-        # Above the reference (0) on CPU: "auto" picks the fused kernels there.
-        return 10.0 if torch.device(device).type == "cpu" else -1.0
+        # Above the reference (0) on CPU, except below the measured crossover size, where the
+        # reference's few large ATen calls beat the kernels' fixed costs (below 0: "auto" then takes
+        # the reference).
+        if torch.device(device).type != "cpu":
+            return -1.0
+        below = PREFER_REFERENCE_BELOW.get(op, 0)
+        if shape and below:
+            size2 = shape[0] * shape[1] if op == "infonce" else shape[0] * shape[0]
+            if size2 < below * below:
+                return -0.5
+        return 10.0
 
     # -- InfoNCE -----------------------------------------------------------------------------
     def infonce_forward(self, q, k, inv_temp, symmetric):

@@ -1,0 +1,330 @@
+// Element-wise epilogues of the float32 CPU kernels (see simd.h): AVX-512 versions selected at run
+// time, scalar versions otherwise. Only standard headers here (see simd.h for why).
+#include "simd.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+
+namespace ibkd {
+namespace cpu {
+namespace simd {
+namespace {
+
+std::atomic<bool>& enabled_flag() {
+  static std::atomic<bool> flag{__builtin_cpu_supports("avx512f") != 0};
+  return flag;
+}
+
+// ------------------------------------------------------------------------------- scalar versions
+
+inline float rbf_entry(float g, float sq_sum, float gamma) {
+  // −γ‖a_i − a_j‖² = 2γ·a_i·a_j − γ(‖a_i‖² + ‖a_j‖²), clamped at 0 (rounding can make it positive)
+  return std::exp(std::min(0.0f, std::fma(2.0f * gamma, g, -gamma * sq_sum)));
+}
+
+void rows_scalar(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t diag, float w,
+                 float* lse, float* pos, bool grad) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = tile + i * ld;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t j = 0; j < cols; ++j) m = std::max(m, s[j]);
+    const int64_t p = i + diag;
+    if (p >= 0 && p < cols) pos[i] = s[p];
+    float sum = 0.0f;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float e = std::exp(s[j] - m);
+      if (grad) s[j] = e;
+      sum += e;
+    }
+    lse[i] = m + std::log(sum);
+    if (!grad) continue;
+    const float a = w / sum;
+    for (int64_t j = 0; j < cols; ++j) s[j] *= a;
+    if (p >= 0 && p < cols) s[p] -= w;
+  }
+}
+
+void stats_scalar(const HsicTile& t, const float* gx, const float* gz, double* sums, float* rowk,
+                  float* rowl, float* colk, float* coll) {
+  for (int64_t i = 0; i < t.ri; ++i) {
+    float kl = 0, kk = 0, ll = 0, rk = 0, rl = 0;
+    for (int64_t j = 0; j < t.rj; ++j) {
+      float k = gx[i * t.ld + j], l = gz[i * t.ld + j];
+      if (t.rbf) {
+        k = rbf_entry(k, t.sqx_i[i] + t.sqx_j[j], t.gamma_x);
+        l = rbf_entry(l, t.sqz_i[i] + t.sqz_j[j], t.gamma_z);
+      }
+      kl += k * l;
+      kk += k * k;
+      ll += l * l;
+      rk += k;
+      rl += l;
+      if (colk) {
+        colk[j] += k;
+        coll[j] += l;
+      }
+    }
+    sums[0] += kl;
+    sums[1] += kk;
+    sums[2] += ll;
+    rowk[i] += rk;
+    rowl[i] += rl;
+  }
+}
+
+void weights_scalar(const HsicTile& t, float* gx, float* gz, float g0, float g1, float g2,
+                    const float* grk_i, const float* grk_j, const float* grl_i, const float* grl_j,
+                    float* roww, float* rowv, float* colw, float* colv) {
+  for (int64_t i = 0; i < t.ri; ++i) {
+    float rw = 0, rv = 0;
+    for (int64_t j = 0; j < t.rj; ++j) {
+      float k = gx[i * t.ld + j], l = gz[i * t.ld + j];
+      if (t.rbf) {
+        k = rbf_entry(k, t.sqx_i[i] + t.sqx_j[j], t.gamma_x);
+        l = rbf_entry(l, t.sqz_i[i] + t.sqz_j[j], t.gamma_z);
+      }
+      float wv = grk_i[i] + grk_j[j] + 2.0f * g0 * l + 4.0f * g1 * k;
+      float vv = grl_i[i] + grl_j[j] + 2.0f * g0 * k + 4.0f * g2 * l;
+      if (t.rbf) {
+        wv *= k;
+        vv *= l;
+      }
+      gx[i * t.ld + j] = wv;
+      gz[i * t.ld + j] = vv;
+      rw += wv;
+      rv += vv;
+      if (colw) {
+        colw[j] += wv;
+        colv[j] += vv;
+      }
+    }
+    if (roww) {
+      roww[i] += rw;
+      rowv[i] += rv;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ AVX-512 versions
+
+#define IBKD_AVX512 __attribute__((target("avx512f")))
+
+// e^x for x ≤ 0 (larger x is clamped at 88): x = n·ln2 + r with |r| ≤ ln2/2 (Cody–Waite split of
+// ln2), e^r by its Taylor polynomial of degree 7 (remainder ≤ r⁸/8! < 6e-9, below float32's
+// half-ulp), times 2ⁿ. Arguments below −87.3 (where e^x leaves float32's normal range) give 0,
+// which also keeps denormals out of the sums.
+IBKD_AVX512 inline __m512 exp_ps(__m512 x) {
+  const __m512 lo_limit = _mm512_set1_ps(-87.3f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo_limit, _CMP_GE_OQ);
+  x = _mm512_min_ps(x, _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 high part
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);   // ln2 low part
+  __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+
+IBKD_AVX512 inline __mmask16 tail_mask(int64_t remaining) {
+  return remaining >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << remaining) - 1u);
+}
+
+IBKD_AVX512 void rows_avx512(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t diag,
+                             float w, float* lse, float* pos, bool grad) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = tile + i * ld;
+    // pass 1: row max (four independent accumulators hide the max latency)
+    __m512 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    int64_t j = 0;
+    for (; j + 64 <= cols; j += 64) {
+      m0 = _mm512_max_ps(m0, _mm512_loadu_ps(s + j));
+      m1 = _mm512_max_ps(m1, _mm512_loadu_ps(s + j + 16));
+      m2 = _mm512_max_ps(m2, _mm512_loadu_ps(s + j + 32));
+      m3 = _mm512_max_ps(m3, _mm512_loadu_ps(s + j + 48));
+    }
+    for (; j < cols; j += 16) m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(neg_inf, tail_mask(cols - j), s + j));
+    const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+    const int64_t p = i + diag;
+    if (p >= 0 && p < cols) pos[i] = s[p];
+    // pass 2: e = exp(s − m) (stored when the gradient follows) and Σ e
+    const __m512 vm = _mm512_set1_ps(m);
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    for (j = 0; j + 32 <= cols; j += 32) {
+      const __m512 e0 = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), vm));
+      const __m512 e1 = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j + 16), vm));
+      if (grad) {
+        _mm512_storeu_ps(s + j, e0);
+        _mm512_storeu_ps(s + j + 16, e1);
+      }
+      a0 = _mm512_add_ps(a0, e0);
+      a1 = _mm512_add_ps(a1, e1);
+    }
+    for (; j < cols; j += 16) {
+      const __mmask16 k = tail_mask(cols - j);
+      const __m512 e = _mm512_maskz_mov_ps(k, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), vm)));
+      if (grad) _mm512_mask_storeu_ps(s + j, k, e);
+      a0 = _mm512_add_ps(a0, e);
+    }
+    const float sum = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+    lse[i] = m + std::log(sum);
+    if (!grad) continue;
+    // pass 3: G = (w / Σ e)·e, then the positive's −w
+    const __m512 va = _mm512_set1_ps(w / sum);
+    for (j = 0; j < cols; j += 16) {
+      const __mmask16 k = tail_mask(cols - j);
+      _mm512_mask_storeu_ps(s + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, s + j), va));
+    }
+    if (p >= 0 && p < cols) s[p] -= w;
+  }
+}
+
+IBKD_AVX512 inline __m512 rbf_ps(__m512 g, __m512 sq_sum, __m512 two_gamma, __m512 neg_gamma) {
+  return exp_ps(_mm512_min_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(two_gamma, g, _mm512_mul_ps(neg_gamma, sq_sum))));
+}
+
+IBKD_AVX512 void stats_avx512(const HsicTile& t, const float* gx, const float* gz, double* sums,
+                              float* rowk, float* rowl, float* colk, float* coll) {
+  const __m512 tgx = _mm512_set1_ps(2.0f * t.gamma_x), ngx = _mm512_set1_ps(-t.gamma_x);
+  const __m512 tgz = _mm512_set1_ps(2.0f * t.gamma_z), ngz = _mm512_set1_ps(-t.gamma_z);
+  for (int64_t i = 0; i < t.ri; ++i) {
+    __m512 vkl = _mm512_setzero_ps(), vkk = vkl, vll = vkl, vrk = vkl, vrl = vkl;
+    const __m512 sxi = t.rbf ? _mm512_set1_ps(t.sqx_i[i]) : vkl;
+    const __m512 szi = t.rbf ? _mm512_set1_ps(t.sqz_i[i]) : vkl;
+    for (int64_t j = 0; j < t.rj; j += 16) {
+      const __mmask16 m = tail_mask(t.rj - j);
+      __m512 k = _mm512_maskz_loadu_ps(m, gx + i * t.ld + j);
+      __m512 l = _mm512_maskz_loadu_ps(m, gz + i * t.ld + j);
+      if (t.rbf) {
+        k = _mm512_maskz_mov_ps(m, rbf_ps(k, _mm512_add_ps(sxi, _mm512_maskz_loadu_ps(m, t.sqx_j + j)), tgx, ngx));
+        l = _mm512_maskz_mov_ps(m, rbf_ps(l, _mm512_add_ps(szi, _mm512_maskz_loadu_ps(m, t.sqz_j + j)), tgz, ngz));
+      }
+      vkl = _mm512_fmadd_ps(k, l, vkl);
+      vkk = _mm512_fmadd_ps(k, k, vkk);
+      vll = _mm512_fmadd_ps(l, l, vll);
+      vrk = _mm512_add_ps(vrk, k);
+      vrl = _mm512_add_ps(vrl, l);
+      if (colk) {
+        _mm512_mask_storeu_ps(colk + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, colk + j), k));
+        _mm512_mask_storeu_ps(coll + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, coll + j), l));
+      }
+    }
+    sums[0] += _mm512_reduce_add_ps(vkl);
+    sums[1] += _mm512_reduce_add_ps(vkk);
+    sums[2] += _mm512_reduce_add_ps(vll);
+    rowk[i] += _mm512_reduce_add_ps(vrk);
+    rowl[i] += _mm512_reduce_add_ps(vrl);
+  }
+}
+
+IBKD_AVX512 void weights_avx512(const HsicTile& t, float* gx, float* gz, float g0, float g1, float g2,
+                                const float* grk_i, const float* grk_j, const float* grl_i,
+                                const float* grl_j, float* roww, float* rowv, float* colw, float* colv) {
+  const __m512 tgx = _mm512_set1_ps(2.0f * t.gamma_x), ngx = _mm512_set1_ps(-t.gamma_x);
+  const __m512 tgz = _mm512_set1_ps(2.0f * t.gamma_z), ngz = _mm512_set1_ps(-t.gamma_z);
+  const __m512 c0 = _mm512_set1_ps(2.0f * g0), c1 = _mm512_set1_ps(4.0f * g1), c2 = _mm512_set1_ps(4.0f * g2);
+  for (int64_t i = 0; i < t.ri; ++i) {
+    __m512 vrw = _mm512_setzero_ps(), vrv = vrw;
+    const __m512 sxi = t.rbf ? _mm512_set1_ps(t.sqx_i[i]) : vrw;
+    const __m512 szi = t.rbf ? _mm512_set1_ps(t.sqz_i[i]) : vrw;
+    const __m512 gki = _mm512_set1_ps(grk_i[i]), gli = _mm512_set1_ps(grl_i[i]);
+    for (int64_t j = 0; j < t.rj; j += 16) {
+      const __mmask16 m = tail_mask(t.rj - j);
+      float* px = gx + i * t.ld + j;
+      float* pz = gz + i * t.ld + j;
+      __m512 k = _mm512_maskz_loadu_ps(m, px), l = _mm512_maskz_loadu_ps(m, pz);
+      if (t.rbf) {
+        k = rbf_ps(k, _mm512_add_ps(sxi, _mm512_maskz_loadu_ps(m, t.sqx_j + j)), tgx, ngx);
+        l = rbf_ps(l, _mm512_add_ps(szi, _mm512_maskz_loadu_ps(m, t.sqz_j + j)), tgz, ngz);
+      }
+      __m512 wv = _mm512_add_ps(gki, _mm512_maskz_loadu_ps(m, grk_j + j));
+      wv = _mm512_fmadd_ps(c0, l, wv);
+      wv = _mm512_fmadd_ps(c1, k, wv);
+      __m512 vv = _mm512_add_ps(gli, _mm512_maskz_loadu_ps(m, grl_j + j));
+      vv = _mm512_fmadd_ps(c0, k, vv);
+      vv = _mm512_fmadd_ps(c2, l, vv);
+      if (t.rbf) {
+        wv = _mm512_mul_ps(wv, k);
+        vv = _mm512_mul_ps(vv, l);
+      }
+      wv = _mm512_maskz_mov_ps(m, wv);
+      vv = _mm512_maskz_mov_ps(m, vv);
+      _mm512_mask_storeu_ps(px, m, wv);
+      _mm512_mask_storeu_ps(pz, m, vv);
+      vrw = _mm512_add_ps(vrw, wv);
+      vrv = _mm512_add_ps(vrv, vv);
+      if (colw) {
+        _mm512_mask_storeu_ps(colw + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, colw + j), wv));
+        _mm512_mask_storeu_ps(colv + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, colv + j), vv));
+      }
+    }
+    if (roww) {
+      roww[i] += _mm512_reduce_add_ps(vrw);
+      rowv[i] += _mm512_reduce_add_ps(vrv);
+    }
+  }
+}
+
+#undef IBKD_AVX512
+
+}  // namespace
+
+bool avx512_enabled() { return enabled_flag().load(std::memory_order_relaxed); }
+
+void set_avx512_enabled(bool on) {
+  enabled_flag().store(on && __builtin_cpu_supports("avx512f") != 0, std::memory_order_relaxed);
+}
+
+void infonce_rows_grad(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t diag, float w,
+                       float* lse, float* pos) {
+  if (avx512_enabled()) {
+    rows_avx512(tile, rows, cols, ld, diag, w, lse, pos, true);
+  } else {
+    rows_scalar(tile, rows, cols, ld, diag, w, lse, pos, true);
+  }
+}
+
+void infonce_rows_lse(const float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t diag,
+                      float* lse, float* pos) {
+  // grad = false never writes to the tile
+  float* t = const_cast<float*>(tile);
+  if (avx512_enabled()) {
+    rows_avx512(t, rows, cols, ld, diag, 0.0f, lse, pos, false);
+  } else {
+    rows_scalar(t, rows, cols, ld, diag, 0.0f, lse, pos, false);
+  }
+}
+
+void hsic_tile_stats(const HsicTile& t, const float* gx, const float* gz, double* sums, float* rowk,
+                     float* rowl, float* colk, float* coll) {
+  if (avx512_enabled()) {
+    stats_avx512(t, gx, gz, sums, rowk, rowl, colk, coll);
+  } else {
+    stats_scalar(t, gx, gz, sums, rowk, rowl, colk, coll);
+  }
+}
+
+void hsic_tile_weights(const HsicTile& t, float* gx, float* gz, float g0, float g1, float g2,
+                       const float* grk_i, const float* grk_j, const float* grl_i,
+                       const float* grl_j, float* roww, float* rowv, float* colw, float* colv) {
+  if (avx512_enabled()) {
+    weights_avx512(t, gx, gz, g0, g1, g2, grk_i, grk_j, grl_i, grl_j, roww, rowv, colw, colv);
+  } else {
+    weights_scalar(t, gx, gz, g0, g1, g2, grk_i, grk_j, grl_i, grl_j, roww, rowv, colw, colv);
+  }
+}
+
+}  // namespace simd
+}  // namespace cpu
+}  // namespace ibkd
