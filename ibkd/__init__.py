@@ -1,7 +1,7 @@
 """ibkd: distil large text-embedding models into small, fast ones.
 
 * :mod:`ibkd.functional` — ``infonce`` and ``hsic``, fused (C++/Triton/CUDA) or reference PyTorch.
-* :mod:`ibkd.losses` — ``InfoNCELoss``, ``HSICLoss`` and ``IBKDLoss`` modules.
+* :mod:`ibkd.losses` — ``IBKDLoss`` (stage 1), ``SupervisedIBKDLoss`` (stage 2), ``InfoNCELoss``, ``HSICLoss``.
 * :func:`ibkd.backends` — every backend, whether it can run here, and why not.
 
 Method: Zhang et al., "Text Representation Distillation via Information Bottleneck Principle",
@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 from . import backend as _backend
 from . import functional, losses, ops
 from .backend import BackendInfo, BackendUnavailable, register_backend
-from .losses import HSICLoss, IBKDLoss, InfoNCELoss
+from .losses import HSICLoss, IBKDLoss, InfoNCELoss, SupervisedIBKDLoss
 
 
 def backends():
@@ -27,6 +27,7 @@ __all__ = [
     "HSICLoss",
     "IBKDLoss",
     "InfoNCELoss",
+    "SupervisedIBKDLoss",
     "backends",
     "functional",
     "losses",

@@ -108,9 +108,10 @@ def test_hsic_loss_bad_options_fail_at_call_with_the_argument_named():
 
 def test_ibkd_loss_is_infonce_plus_beta_hsic(any_backend):
     student, teacher, inputs = data(6, (6, 5), (6, 8), (6, 12))
-    loss_fn = ibkd.IBKDLoss(5, 8, temperature=0.5, beta=0.7, gamma=0.9, backend=any_backend)
+    loss_fn = ibkd.IBKDLoss(5, 8, temperature=0.5, beta=0.7, gamma=0.9, normalize_hsic_inputs=False,
+                            projection_init="random", backend=any_backend)
     out = loss_fn(student, teacher, inputs)
-    assert set(out) == {"loss", "infonce", "hsic"}
+    assert set(out) == {"loss", "infonce", "hsic", "beta"} and float(out["beta"]) == pytest.approx(0.7)
     assert isinstance(loss_fn.projection, torch.nn.Linear) and loss_fn.projection.out_features == 8
     assert isinstance(loss_fn.teacher_projection, torch.nn.Identity)
 
@@ -126,7 +127,7 @@ def test_ibkd_loss_is_infonce_plus_beta_hsic(any_backend):
 def test_ibkd_loss_backward_reaches_student_and_projection(any_backend):
     student, teacher, inputs = data(7, (6, 5), (9, 8), (6, 4))  # 3 extra teacher rows: hard negatives
     student.requires_grad_()
-    loss_fn = ibkd.IBKDLoss(5, 8, beta=0.5, backend=any_backend)
+    loss_fn = ibkd.IBKDLoss(5, 8, beta=0.5, normalize_hsic_inputs=False, backend=any_backend)
     loss_fn(student, teacher, inputs)["loss"].backward()
     assert student.grad is not None and student.grad.abs().sum() > 0
     assert all(p.grad is not None for p in loss_fn.projection.parameters())
@@ -148,13 +149,14 @@ def test_ibkd_loss_without_projection_needs_equal_dims(any_backend):
     torch.testing.assert_close(out["loss"], infonce(student, teacher, temperature=1.0), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="student_dim"):
         ibkd.IBKDLoss(6, 8, projection=False)
-    with pytest.raises(ValueError, match="query and key"):
+    with pytest.raises(ValueError, match="teacher must have 6 columns"):
         loss_fn(student, data(9, (5, 4))[0])  # wrong teacher width at call time
 
 
 def test_ibkd_loss_projection_dim_projects_the_teacher_too(any_backend):
     student, teacher, inputs = data(10, (6, 5), (6, 8), (6, 3))
-    loss_fn = ibkd.IBKDLoss(5, 8, projection_dim=4, temperature=0.05, beta=1.0, gamma=0.1, backend=any_backend)
+    loss_fn = ibkd.IBKDLoss(5, 8, projection_dim=4, temperature=0.05, beta=1.0, gamma=0.1, normalize_hsic_inputs=False,
+                            backend=any_backend)
     assert loss_fn.projection.out_features == 4
     assert isinstance(loss_fn.teacher_projection, torch.nn.Linear)
     assert (loss_fn.teacher_projection.in_features, loss_fn.teacher_projection.out_features) == (8, 4)
@@ -193,6 +195,13 @@ def test_ibkd_loss_casts_teacher_to_the_student_dtype():
         (dict(student_dim=4, teacher_dim=-1), "teacher_dim"),
         (dict(student_dim=4.0, teacher_dim=4), "student_dim"),
         (dict(student_dim=4, teacher_dim=4, beta=-0.1), "beta"),
+        (dict(student_dim=4, teacher_dim=4, beta="automatic"), "beta"),
+        (dict(student_dim=4, teacher_dim=4, beta=float("nan")), "beta"),
+        (dict(student_dim=4, teacher_dim=4, beta_target_ratio=0), "beta_target_ratio"),
+        (dict(student_dim=4, teacher_dim=4, beta_calibration_steps=0), "beta_calibration_steps"),
+        (dict(student_dim=4, teacher_dim=4, method="kd"), "method"),
+        (dict(student_dim=4, teacher_dim=4, projection_init="zeros"), "projection_init"),
+        (dict(student_dim=4, teacher_dim=4, normalize_hsic_inputs="yes"), "normalize_hsic_inputs"),
         (dict(student_dim=4, teacher_dim=4, temperature=0.0), "temperature"),
     ],
 )
@@ -203,6 +212,12 @@ def test_ibkd_loss_constructor_errors_name_the_argument(kwargs, word):
 
 def test_stage_defaults_build():
     s1 = ibkd.IBKDLoss(384, 768, **STAGE1_DEFAULTS)
-    assert s1.beta == 0.2 and s1.projection.out_features == 768
+    assert s1.beta.auto and s1.projection.out_features == 768
     s2 = ibkd.IBKDLoss(384, 768, **STAGE2_DEFAULTS)
-    assert s2.beta == 1.0 and s2.projection.out_features == 128 and s2.teacher_projection.out_features == 128
+    assert s2.beta.auto and s2.projection.out_features == 128 and s2.teacher_projection.out_features == 128
+    paper = ibkd.IBKDLoss(384, 768, **ibkd.losses.PAPER_STAGE1)
+    assert not paper.beta.auto and paper.beta.current() == 0.2
+    # the library's defaults are the stage-1 defaults
+    plain = ibkd.IBKDLoss(384, 384)
+    assert plain.beta.auto and plain.infonce.temperature.item() == pytest.approx(1.0) and plain.hsic.gamma == 1.0
+    assert plain.normalize_hsic_inputs and torch.equal(plain.projection.weight, torch.eye(384))
