@@ -57,18 +57,18 @@ RESULT_NAME = "result.json"
 ROW_CONFIG_NAME = "row_config.json"
 REPRODUCE_MARKERS = ("<!-- reproduce:start -->", "<!-- reproduce:end -->")
 EMBEDDING_MARKERS = ("<!-- embedding:start -->", "<!-- embedding:end -->")
-GROUPS = ("teacher", "none", "mse", "contrastive", "sweep", "ibkd", "finetune", "compact", "embedding", "gpu")
+GROUPS = ("teacher", "none", "mse", "contrastive", "sweep", "ibkd", "auto", "finetune", "compact", "embedding", "gpu")
 # groups a requested group needs first (the rows of these that are already finished are simply reused)
 NEEDS = {"ibkd": ("sweep",), "finetune": ("sweep",), "compact": ("sweep",)}
 
 TOP_KEYS = {"output", "results", "readme", "num_threads", "cache_dir", "sts_dir", "sts_limit", "seeds",
             "eval_batch_size", "common", "sweep", "finetune", "compact", "embedding_comparison", "gpu_timing",
-            "targets", "quick", "budget"}
+            "targets", "quick", "budget", "auto"}
 SWEEP_KEYS = {"select_by", "settings"}
 COMPACT_KEYS = {"enabled", "table", "distill"}
 EMBEDDING_KEYS = {"enabled", "sizes", "seeds", "overrides"}
 GPU_KEYS = {"enabled", "batches", "backends", "amp", "warmup", "steps"}
-TARGET_KEYS = {"teacher_fraction", "over_mse"}
+TARGET_KEYS = {"teacher_fraction", "over_mse", "auto_within", "auto_over_contrastive"}
 # TrainConfig fields the plan sets per row (a value for them in `common` would be silently overridden)
 RESERVED = {"stage", "method", "seed", "output", "dev", "test", "eval_steps", "resume", "train_file"}
 # TrainConfig fields that change neither the trained student nor its scores (left out of the row hash)
@@ -164,6 +164,7 @@ def validate_spec(spec: dict, where: str = "config") -> None:
     dup = sorted({n for n in names if names.count(n) > 1})
     _need(not dup, f"{where}: duplicate sweep setting name(s): {', '.join(dup)}")
     _check_train_keys(f"{where}: finetune", spec.get("finetune") or {}, reserved=RESERVED - {"train_file"})
+    _check_train_keys(f"{where}: auto", spec.get("auto") or {}, reserved=RESERVED)
     compact = _check_keys(f"{where}: compact", spec.get("compact") or {}, COMPACT_KEYS)
     if compact.get("enabled", True):
         table = compact.get("table") or {}
@@ -242,7 +243,7 @@ def setting_label(values: dict) -> str:
         return "InfoNCE only (β=0)" + (f", τ={_fmt_num(tau)}" if tau is not None else "")
     beta = values.get("beta")
     gamma = values.get("gamma")
-    where = "unit-norm" if values.get("hsic_normalize", True) else "raw"
+    where = "unit-norm" if values.get("normalize_hsic_inputs", values.get("hsic_normalize", True)) else "raw"
     parts = [f"β={_fmt_num(beta) if beta is not None else 'default'}",
              f"γ={_fmt_num(gamma) if gamma is not None else 'default'}", f"{where} HSIC"]
     if tau is not None:
@@ -287,7 +288,10 @@ def phase_one_rows(ctx: Context) -> list[Row]:
                  "data_dir": common.get("data_dir")}, str(ctx.output)),
             distill_row(ctx, "none", "none", "none", seeds[0])]
     rows += [distill_row(ctx, f"mse-s{s}", "mse", "mse", s) for s in seeds]
-    rows.append(distill_row(ctx, f"contrastive-s{seeds[0]}", "contrastive", "contrastive", seeds[0]))
+    # every seed: β=0 is what beta=auto must beat by a margin that seed noise cannot explain
+    rows += [distill_row(ctx, f"contrastive-s{s}", "contrastive", "contrastive", s) for s in seeds]
+    auto = {k: v for k, v in (spec.get("auto") or {"beta": "auto"}).items()}
+    rows += [distill_row(ctx, f"auto-s{s}", "auto", "ibkd", s, auto) for s in seeds]
     for setting in _sweep_settings(spec):
         row = distill_row(ctx, f"sweep-{setting['name']}", "sweep", "ibkd", seeds[0], setting)
         row.info["sweep_name"] = setting["name"]
@@ -448,7 +452,7 @@ def curve_stats(curve: dict) -> dict:
         out["grad_ratio_hsic_infonce"] = sum(ratios) / len(ratios) if ratios else None
     if curve.get("hsic"):
         out["hsic_first"], out["hsic_last"] = curve["hsic"][0], curve["hsic"][-1]
-    for term in ("infonce", "mse", "loss"):
+    for term in ("infonce", "mse", "loss", "beta"):
         if curve.get(term):
             out[f"{term}_last"] = curve[term][-1]
     return out
@@ -655,12 +659,12 @@ def time_distill_steps(teacher_spec: str, layers, batches, *, backends=("referen
 
     from .backend.base import resolve_backend
     from .models import Encoder, build_student
-    from .train import DistillData, DistillObjective, Trainer
+    from .train import DistillData, Trainer, build_loss
 
     teacher = Encoder.load(teacher_spec, max_length=max_length)
     if not sentences:
         sentences = ["a sentence of about sixty-four tokens, repeated to fill the batch " * 6]
-    setting = {"temperature": 1.0, "beta": 0.2, "gamma": 1.0, "hsic_normalize": True, **(setting or {})}
+    setting = {"temperature": 1.0, "beta": "auto", "gamma": 1.0, "normalize_hsic_inputs": True, **(setting or {})}
     dev = torch.device(device)
     results = []
     for backend in backends:
@@ -679,12 +683,10 @@ def time_distill_steps(teacher_spec: str, layers, batches, *, backends=("referen
                                       amp=amp, device=str(dev), output=tmp, progress=False, plot=False, dev=None,
                                       test=None, max_length=max_length, temperature=setting["temperature"],
                                       beta=setting["beta"], gamma=setting["gamma"],
-                                      hsic_normalize=setting["hsic_normalize"])
+                                      normalize_hsic_inputs=setting["normalize_hsic_inputs"])
                     student = build_student(teacher, layers=layers)
-                    objective = DistillObjective("ibkd", student.dim, teacher.dim, temperature=setting["temperature"],
-                                                 beta=setting["beta"], gamma=setting["gamma"], projection_dim=None,
-                                                 hsic_normalize=setting["hsic_normalize"], backend=backend)
-                    trainer = Trainer(cfg, student, objective, DistillData(texts, vectors), device=dev)
+                    trainer = Trainer(cfg, student, build_loss(cfg, student.dim, teacher.dim), DistillData(texts, vectors),
+                                      device=dev)
                     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
                     for _ in range(warmup):
                         trainer.train_step()
@@ -802,7 +804,8 @@ def summarize(records: list[dict], chosen_name: Optional[str]) -> list[dict]:
     lines = []
     order = [("teacher", by_group.get("teacher", [])), ("none", by_group.get("none", [])),
              ("mse", by_group.get("mse", [])), ("contrastive", by_group.get("contrastive", [])),
-             ("ibkd", sorted(ibkd, key=lambda r: r["seed"])), ("finetune", by_group.get("finetune", [])),
+             ("ibkd", sorted(ibkd, key=lambda r: r["seed"])), ("auto", by_group.get("auto", [])),
+             ("finetune", by_group.get("finetune", [])),
              ("compact", [r for r in by_group.get("compact", []) if r["kind"] == "train"])]
     for name, rows in order:
         if not rows:
@@ -817,6 +820,8 @@ def summarize(records: list[dict], chosen_name: Optional[str]) -> list[dict]:
         line["batch_size"] = rows[0].get("batch_size")
         if name == "compact":
             line["d_small"] = rows[0].get("d_small")
+        if name == "auto":  # the β each seed calibrated and froze
+            line["chosen_beta"] = mean_std([(r.get("curve_stats") or {}).get("beta_last") for r in rows])
         lines.append(line)
     return lines
 
@@ -828,6 +833,9 @@ def targets(summary: list[dict], spec: dict) -> dict:
     def test_mean(name):
         return (by.get(name) or {}).get("test_spearman", {}).get("mean")
 
+    def dev_mean(name):
+        return (by.get(name) or {}).get("dev_spearman", {}).get("mean")
+
     teacher, ibkd, mse = test_mean("teacher"), test_mean("ibkd"), test_mean("mse")
     out = {"teacher_fraction": t["teacher_fraction"], "over_mse": t["over_mse"], "teacher_test": teacher,
            "ibkd_test_mean": ibkd, "mse_test_mean": mse, "note": "reported against, never tuned on the test split"}
@@ -837,6 +845,15 @@ def targets(summary: list[dict], spec: dict) -> dict:
     if ibkd is not None and mse is not None:
         out["ibkd_minus_mse"] = ibkd - mse
         out["over_mse_met"] = ibkd - mse >= t["over_mse"]
+    # beta="auto" against the best fixed β of the sweep (its 3-seed row) and against β=0, on dev
+    auto, best, contrastive = dev_mean("auto"), dev_mean("ibkd"), dev_mean("contrastive")
+    out.update(auto_within=t.get("auto_within", 0.15), auto_over_contrastive=t.get("auto_over_contrastive", 0.5))
+    if auto is not None and best is not None:
+        out["auto_minus_best_fixed_dev"] = auto - best
+        out["auto_within_met"] = auto >= best - out["auto_within"]
+    if auto is not None and contrastive is not None:
+        out["auto_minus_contrastive_dev"] = auto - contrastive
+        out["auto_over_contrastive_met"] = auto - contrastive >= out["auto_over_contrastive"]
     return out
 
 
@@ -992,7 +1009,7 @@ def _duration(s) -> str:
 
 
 ROW_TITLES = {"teacher": "teacher", "none": "student, untrained", "mse": "student, MSE",
-              "contrastive": "student, contrastive only", "ibkd": "student, IBKD", "finetune": "student, IBKD + stage 2",
+              "contrastive": "student, contrastive only", "ibkd": "student, IBKD", "auto": "student, IBKD β=auto", "finetune": "student, IBKD + stage 2",
               "compact": "compact student, IBKD"}
 
 
@@ -1006,8 +1023,8 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
     layers = s["student_layers"]
     out.append(f"Teacher `{s['teacher']}`; students keep teacher layers {{{layers}}}. Stage 1: {s['steps']} steps × "
                f"batch {s['batch_size']}, lr {s['lr']:g}, max length {s['max_length']}, the same data order per seed "
-               f"for every method; seeds {', '.join(map(str, s['seeds']))} for the MSE and IBKD rows (mean ± sample "
-               f"std), the first seed elsewhere. STS-B Spearman ×100 of cosine; the IBKD setting was chosen on "
+               f"for every method; seeds {', '.join(map(str, s['seeds']))} for the MSE, contrastive and IBKD rows "
+               f"(mean ± sample std), the first seed elsewhere. STS-B Spearman ×100 of cosine; the IBKD setting was chosen on "
                f"**dev** only.")
     out += ["", "| row | method / setting | seeds | STS-B dev | STS-B test | params | dim | encode (sent/s) | train time |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -1016,10 +1033,13 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
         if line["row"] == "compact" and line.get("d_small"):
             title += f" (table d={line['d_small']})"
         seeds = len(line["runs"]) if line["row"] not in ("teacher", "none") else "—"
+        label = line.get("label") or "—"
+        if line["row"] == "auto" and (line.get("chosen_beta") or {}).get("values"):
+            label += "; β frozen at " + ", ".join(f"{v:.3g}" for v in line["chosen_beta"]["values"])
         train = _ms(line["train_seconds"], 0)
         if line["train_seconds"].get("mean") is not None:
             train = _duration(line["train_seconds"]["mean"]) + (" per seed" if line["train_seconds"]["n"] > 1 else "")
-        out.append(f"| {title} | {line.get('label') or '—'} | {seeds} | {_ms(line['dev_spearman'])} "
+        out.append(f"| {title} | {label} | {seeds} | {_ms(line['dev_spearman'])} "
                    f"| {_ms(line['test_spearman'])} | {_params(line['parameters'])} | {line.get('embedding_dim') or '—'} "
                    f"| {_ms(line['sentences_per_second'], 0)} | {train} |")
     t = doc["targets"]
@@ -1031,6 +1051,14 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
     if "ibkd_minus_mse" in t:
         met = "met" if t["over_mse_met"] else "**not met**"
         out.append(f"- IBKD − MSE on test: {t['ibkd_minus_mse']:+.2f} points (target ≥ +{t['over_mse']:.1f}): {met}.")
+    if "auto_minus_best_fixed_dev" in t:
+        met = "met" if t["auto_within_met"] else "**not met**"
+        out.append(f"- IBKD β=auto vs the best swept fixed β on dev (3-seed means): {t['auto_minus_best_fixed_dev']:+.2f} "
+                   f"points (target ≥ −{t['auto_within']:.2f}): {met}.")
+    if "auto_minus_contrastive_dev" in t:
+        met = "met" if t["auto_over_contrastive_met"] else "**not met**"
+        out.append(f"- IBKD β=auto vs β=0 on dev (3-seed means): {t['auto_minus_contrastive_dev']:+.2f} points "
+                   f"(target ≥ +{t['auto_over_contrastive']:.1f}): {met}.")
     if "ibkd_over_teacher" not in t and "ibkd_minus_mse" not in t:
         out.append("- not measured (rows missing).")
     out += ["", render_sweep(doc), ""]
@@ -1195,7 +1223,7 @@ def plot(doc: dict, png_path: Path) -> None:
         if r.get("status") != "done":
             continue
         st = r.get("setting") or {}
-        fam = f"γ={st.get('gamma', 'default')}, {'unit-norm' if st.get('hsic_normalize', True) else 'raw'} HSIC"
+        fam = f"γ={st.get('gamma', 'default')}, {'unit-norm' if st.get('normalize_hsic_inputs', st.get('hsic_normalize', True)) else 'raw'} HSIC"
         beta = st.get("beta")
         if isinstance(beta, (int, float)) and beta > 0:
             families.setdefault(fam, []).append((beta, r["dev_spearman"]))

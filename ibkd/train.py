@@ -40,6 +40,7 @@ from torch import nn
 
 from . import losses as ibkd_losses
 from ._io import atomic_write, fsync_dir
+from .losses.distributed import world as dist_info
 from .data import DataError, LabeledData, read_labeled, read_sentences, stsb_sentences
 from .models import Encoder, autocast_context, build_student
 
@@ -92,14 +93,17 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     pca_dim: Optional[int] = None
     teacher_batch_size: int = 128
-    # loss
+    # loss (ibkd.losses.IBKDLoss / SupervisedIBKDLoss; None = the stage's default from ibkd.losses)
     temperature: Optional[float] = None
-    beta: Optional[float] = None
+    beta: Any = None  # a number, or "auto": aim the HSIC/InfoNCE gradient ratio at beta_target_ratio, then freeze
+    beta_target_ratio: float = ibkd_losses.DEFAULT_TARGET_RATIO
+    beta_calibration_steps: int = ibkd_losses.DEFAULT_CALIBRATION_STEPS
     gamma: Any = None
     projection_dim: Optional[int] = None
     hsic_layer: Any = None
-    hsic_normalize: bool = True
-    projection_init: str = "identity"  # stage 1, when student dim == P's output dim; else "random"
+    normalize_hsic_inputs: bool = True
+    projection_init: str = "identity"  # P starts at the identity when its dims match; else "random"
+    gather_across_devices: Optional[bool] = None  # torchrun: every rank's rows in the loss (None: on under DDP)
     # optimisation
     batch_size: int = 256
     lr: float = 1e-4
@@ -131,8 +135,17 @@ class TrainConfig:
     step_delay_s: float = 0.0  # sleep after each step: lets tests interrupt a run at a known point
 
     # -- construction/validation ---------------------------------------------------------------
+    #: renamed keys still accepted in configs: old name -> new name
+    RENAMED = {"hsic_normalize": "normalize_hsic_inputs"}
+
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        values = dict(values)
+        for old, new in cls.RENAMED.items():
+            if old in values:
+                if new in values:
+                    raise ConfigError(f"{old} is the old name of {new}: give only {new}")
+                values[new] = values.pop(old)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -156,6 +169,11 @@ class TrainConfig:
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive int")
         need(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives)")
         need(self.lr > 0, "lr must be positive")
+        if self.beta is not None:
+            try:
+                ibkd_losses.auto_beta.check_beta(self.beta)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         if self.grad_cache_chunk is not None:
             need(isinstance(self.grad_cache_chunk, int) and self.grad_cache_chunk > 0, "grad_cache_chunk must be a positive int")
         if self.compact_embeddings:
@@ -181,101 +199,24 @@ class TrainConfig:
         return out
 
 
-# -- distributed helpers ---------------------------------------------------------------------------
+# -- the objective ---------------------------------------------------------------------------------
 
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward hands each rank the gradient of its own rows (every rank computes the
-    same loss over the gathered batch, so that gradient is already complete; no sum, no scaling)."""
-
-    @staticmethod
-    def forward(ctx, local: torch.Tensor):
-        rank, world = dist_info()
-        ctx.rank, ctx.rows = rank, local.shape[0]
-        parts = [torch.empty_like(local) for _ in range(world)]
-        dist.all_gather(parts, local.contiguous())
-        return torch.stack(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad[ctx.rank]
-
-
-def gather_rows(local: torch.Tensor) -> torch.Tensor:
-    """(world, rows, D) of every rank's ``local``; differentiable for this rank's rows."""
-    if dist_info()[1] == 1:
-        return local.unsqueeze(0)
-    return _GatherWithGrad.apply(local)
-
-
-# -- objectives ------------------------------------------------------------------------------------
-
-class DistillObjective(nn.Module):
-    """Stage 1: terms of IBKD (``infonce``, ``hsic``) or the ``mse`` baseline, on the whole batch.
-
-    Holds an :class:`ibkd.losses.IBKDLoss` (its projection P is the trained head)."""
-
-    def __init__(self, method: str, student_dim: int, teacher_dim: int, *, temperature: float, beta: float,
-                 gamma, projection_dim: Optional[int], hsic_normalize: bool, backend: str,
-                 projection_init: str = "identity"):
-        super().__init__()
-        self.method, self.beta, self.hsic_normalize = method, float(beta), hsic_normalize
-        if method == "mse" and projection_dim not in (None, teacher_dim):
-            raise ConfigError("the mse baseline regresses teacher vectors: projection_dim must be the teacher dim")
-        self.ibkd = ibkd_losses.IBKDLoss(student_dim, teacher_dim, temperature=temperature, beta=beta, gamma=gamma,
-                                         projection=True, projection_dim=projection_dim, backend=backend)
-        projection = self.ibkd.projection
-        if projection_init == "identity" and projection.in_features == projection.out_features:
-            # A student cut from the teacher already lives in the teacher's space: a random P would first
-            # scramble it (measured: STS-B dev 80.2 → 74.3 after 50 steps); start P at the identity instead.
-            with torch.no_grad():
-                projection.weight.copy_(torch.eye(projection.in_features))
-                projection.bias.zero_()
-
-    def weights(self) -> dict:
-        return {"mse": 1.0} if self.method == "mse" else {"infonce": 1.0, "hsic": self.beta}
-
-    def terms(self, student: torch.Tensor, inputs: Optional[torch.Tensor], teacher: torch.Tensor) -> dict:
-        projected = self.ibkd.projection(student)
-        if self.method == "mse":
-            return {"mse": F.mse_loss(projected, teacher)}
-        out = {"infonce": self.ibkd.infonce(projected, self.ibkd.teacher_projection(teacher))}
-        if self.beta > 0:
-            x, s = (F.normalize(inputs, dim=-1), F.normalize(student, dim=-1)) if self.hsic_normalize else (inputs, student)
-            out["hsic"] = self.ibkd.hsic(x, s)
-        return out
-
-
-class FinetuneObjective(nn.Module):
-    """Stage 2: supervised InfoNCE of anchors against positives (+ hard negatives when given) and every
-    other row in the batch, through an optional shared projection, + β·HSIC(x_anchor, anchor)."""
-
-    def __init__(self, method: str, dim: int, *, temperature: float, beta: float, gamma,
-                 projection_dim: Optional[int], hsic_normalize: bool, backend: str):
-        super().__init__()
-        self.method, self.beta, self.hsic_normalize = method, float(beta), hsic_normalize
-        self.projection = nn.Linear(dim, projection_dim) if projection_dim else nn.Identity()
-        self.infonce = ibkd_losses.InfoNCELoss(temperature, backend=backend)
-        self.hsic = ibkd_losses.HSICLoss(gamma, backend=backend)
-
-    def weights(self) -> dict:
-        return {"infonce": 1.0, "hsic": self.beta}
-
-    def terms(self, student: torch.Tensor, inputs: Optional[torch.Tensor], teacher=None, *, groups: int = 2) -> dict:
-        b = student.shape[0] // groups
-        anchors, keys = student[:b], student[b:]
-        out = {"infonce": self.infonce(self.projection(anchors), self.projection(keys))}
-        if self.beta > 0:
-            x, s = inputs[:b], anchors
-            if self.hsic_normalize:
-                x, s = F.normalize(x, dim=-1), F.normalize(s, dim=-1)
-            out["hsic"] = self.hsic(x, s)
-        return out
+def build_loss(cfg: TrainConfig, student_dim: int, teacher_dim: Optional[int] = None) -> nn.Module:
+    """The library objective of ``cfg``'s stage: :class:`ibkd.losses.IBKDLoss` (stage 1, teacher vectors of
+    ``teacher_dim``) or :class:`ibkd.losses.SupervisedIBKDLoss` (stage 2), with the per-term gradient norms
+    tracked for the training log."""
+    d = cfg.stage_defaults()
+    common = dict(method=cfg.method, temperature=d["temperature"], beta=d["beta"], gamma=d["gamma"],
+                  normalize_hsic_inputs=cfg.normalize_hsic_inputs, projection_init=cfg.projection_init,
+                  beta_target_ratio=cfg.beta_target_ratio, beta_calibration_steps=cfg.beta_calibration_steps,
+                  gather_across_devices=cfg.gather_across_devices, track_grad_norms=True, backend=cfg.backend)
+    try:
+        if cfg.stage == "distill":
+            return ibkd_losses.IBKDLoss(student_dim, teacher_dim or student_dim, projection_dim=cfg.projection_dim,
+                                        **common)
+        return ibkd_losses.SupervisedIBKDLoss(student_dim, projection_dim=d["projection_dim"], **common)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -344,14 +285,15 @@ def atomic_torch_save(obj, path: Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def export_student(student: Encoder, objective: nn.Module, folder: Path) -> None:
-    """Save the student (AutoModel + sentence-transformers folder) with the projection head beside it
-    (``ibkd_projection.pt``, not used at inference); replaces ``folder`` only once fully written."""
+def export_student(student: Encoder, loss: nn.Module, folder: Path) -> None:
+    """Save the student (AutoModel + sentence-transformers folder) with the loss's state beside it
+    (``ibkd_projection.safetensors``: P and β, not used at inference); replaces ``folder`` only once fully
+    written."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     student.save(tmp)
-    torch.save(objective.state_dict(), tmp / "ibkd_projection.pt")
+    ibkd_losses.save_loss_state(loss, tmp)
     for f in tmp.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -387,21 +329,22 @@ class StepResult:
     loss: float = 0.0
     grad_norms: dict = field(default_factory=dict)
     skipped: bool = False
+    beta: float = 0.0
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, student: Encoder, objective: nn.Module, data, *, device=None):
-        self.cfg, self.student, self.objective, self.data = cfg, student, objective, data
+    def __init__(self, cfg: TrainConfig, student: Encoder, loss: nn.Module, data, *, device=None):
+        self.cfg, self.student, self.loss, self.data = cfg, student, loss, data
         self.rank, self.world = dist_info()
         self.device = torch.device(device or "cpu")
         self.student.to(self.device)
-        self.objective.to(self.device)
+        self.loss.to(self.device)
         self.groups = data.groups if data is not None else 1
         defaults = cfg.stage_defaults()
         self.hsic_layer = defaults["hsic_layer"]
-        self.needs_inputs = getattr(objective, "beta", 0) > 0
+        self.needs_inputs = loss.uses_inputs
         self.output = Path(cfg.output)
-        self.params = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
+        self.params = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
@@ -442,20 +385,11 @@ class Trainer:
         x = out["layers"][self.hsic_layer].float() if self.needs_inputs else None
         return s, x
 
-    def _to_global(self, local: torch.Tensor) -> torch.Tensor:
-        """Gather every rank's rows and reorder them to the global group layout."""
-        if self.world == 1:
-            return local
-        parts = gather_rows(local)  # (world, groups·b, D)
-        w, gb, d = parts.shape
-        b = gb // self.groups
-        return parts.view(w, self.groups, b, d).transpose(0, 1).reshape(self.groups * w * b, d)
-
     # -- one micro-batch: loss, backward ------------------------------------------------------
-    def forward_backward(self, groups: list, teacher: Optional[torch.Tensor], *, loss_scale: float = 1.0,
-                         want_grad_norms: bool = True) -> StepResult:
-        """Loss over the (global) micro-batch and its gradients accumulated into ``.grad`` (encoder
-        gradients hold this rank's share only; :meth:`sync_grads` sums them across ranks)."""
+    def forward_backward(self, groups: list, teacher: Optional[torch.Tensor], *, loss_scale: float = 1.0) -> StepResult:
+        """Loss over the (global) micro-batch and its gradients accumulated into ``.grad``. Each rank embeds
+        its own rows; the loss gathers every rank's rows (:mod:`ibkd.losses.distributed`), and
+        :meth:`sync_grads` averages the encoder gradients as DDP would."""
         local_texts = self._local_texts(groups)
         chunk = self.cfg.grad_cache_chunk
         cached = chunk is not None and chunk < len(local_texts)
@@ -474,24 +408,17 @@ class Trainer:
         for name, tensor in (("student embeddings", s_local), ("student input representation", x_local)):
             if tensor is not None and not torch.isfinite(tensor).all():
                 return self._non_finite(name)
-        s = self._to_global(s_local)
-        x = self._to_global(x_local) if x_local is not None else None
-        t = teacher.to(self.device) if teacher is not None else None
-        if isinstance(self.objective, FinetuneObjective):
-            terms = self.objective.terms(s, x, groups=self.groups)
-        else:
-            terms = self.objective.terms(s, x, t)
+        out = self._loss(s_local, x_local, teacher)
+        terms = {k: out[k] for k in ("infonce", "hsic", "mse") if k in out}
         for name, value in terms.items():
             if not torch.isfinite(value):
                 return self._non_finite(f"{name} loss")
-        weights = self.objective.weights()
-        weighted = {k: weights[k] * v for k, v in terms.items() if weights.get(k, 0) != 0}
-        total = sum(weighted.values())
-        result = StepResult(terms={k: float(v.detach()) for k, v in terms.items()}, loss=float(total.detach()))
-        if want_grad_norms:  # each term's gradient at the student output (whole batch), for diagnostics
-            for k, v in weighted.items():
-                (g,) = torch.autograd.grad(v, s, retain_graph=True, allow_unused=True)
-                result.grad_norms[k] = float(g.norm()) if g is not None else 0.0
+        total = out["loss"]
+        result = StepResult(terms={k: float(v) for k, v in terms.items()}, loss=float(total.detach()),
+                            beta=float(out["beta"]))
+        for key in ("infonce", "hsic", "mse"):
+            if f"grad_norm_{key}" in out:
+                result.grad_norms[key] = float(out[f"grad_norm_{key}"])
         self.scaler.scale(total * loss_scale).backward()
         if cached:  # GradCache pass 2: re-embed each chunk with grad, backprop the cached embedding grads
             for i, start in enumerate(range(0, len(local_texts), chunk)):
@@ -504,6 +431,17 @@ class Trainer:
                     grads.append(x_local.grad[start:stop])
                 torch.autograd.backward(outs, grads)
         return result
+
+    def _loss(self, s_local: torch.Tensor, x_local: Optional[torch.Tensor], teacher: Optional[torch.Tensor]) -> dict:
+        """The library objective on this rank's rows (stage 2: s_local holds the local anchors, positives
+        and hard negatives one after the other)."""
+        if self.cfg.stage == "distill":
+            b = s_local.shape[0]
+            t = teacher[self.rank * b:(self.rank + 1) * b].to(self.device)
+            return self.loss(s_local, t, x_local)
+        columns = s_local.chunk(self.groups)
+        x_anchor = x_local[: columns[0].shape[0]] if x_local is not None else None
+        return self.loss(columns[0], columns[1], x_anchor, negatives=list(columns[2:]))
 
     def _capture_rng(self):
         return (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
@@ -525,24 +463,20 @@ class Trainer:
                                  f"checkpoint in {self.output} is intact")
 
     def sync_grads(self) -> None:
-        """Sum encoder gradients over ranks (each holds its rows' share); average the heads' gradients
-        (computed identically on every rank from the gathered batch)."""
+        """Average the encoder gradients over ranks, as DDP does (the loss scaled each rank's share for
+        that; its own parameters are averaged by the loss itself)."""
         if self.world == 1:
             return
-        for module, op in ((self.student, dist.ReduceOp.SUM), (self.objective, dist.ReduceOp.AVG if dist.get_backend() == "nccl" else None)):
-            grads = [p.grad for p in module.parameters() if p.grad is not None]
-            if not grads:
-                continue
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            if op is None:  # gloo has no AVG
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-                flat /= self.world
-            else:
-                dist.all_reduce(flat, op=op)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     # -- optimizer step -------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -564,6 +498,7 @@ class Trainer:
             for k, v in res.grad_norms.items():
                 agg.grad_norms[k] = agg.grad_norms.get(k, 0.0) + v / cfg.grad_accum
             agg.loss += res.loss / cfg.grad_accum
+            agg.beta = res.beta
         self.sync_grads()
         self.scaler.unscale_(self.optimizer)
         if cfg.max_grad_norm:
@@ -577,7 +512,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {
-            "student": self.student.model.state_dict(), "objective": self.objective.state_dict(),
+            "student": self.student.model.state_dict(), "loss": self.loss.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": _rng_state(), "step": self.step, "epoch": self.epoch,
             "position": self.position, "best_metric": self.best_metric, "best_step": self.best_step,
@@ -586,7 +521,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.student.model.load_state_dict(state["student"])
-        self.objective.load_state_dict(state["objective"])
+        self.loss.load_state_dict(state["loss"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -630,7 +565,7 @@ class Trainer:
             bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.stage}/{cfg.method}", unit="step",
                        dynamic_ncols=True)
         self.student.train()
-        self.objective.train()
+        self.loss.train()
         log_file = open(log_path, "a") if self.rank == 0 else None
         try:
             while self.step < self.total_steps:
@@ -639,7 +574,7 @@ class Trainer:
                 elapsed = time.perf_counter() - started
                 if res.skipped:
                     continue
-                record = {"step": self.step, "epoch": self.epoch, "loss": res.loss, **res.terms,
+                record = {"step": self.step, "epoch": self.epoch, "loss": res.loss, **res.terms, "beta": res.beta,
                           **{f"grad_norm_{k}": v for k, v in res.grad_norms.items()},
                           "lr": self.scheduler.get_last_lr()[0], "sentences_per_s": sentences_per_step / elapsed,
                           "nan_skips": self.nan_skips}
@@ -650,7 +585,7 @@ class Trainer:
                         record["dev_spearman"] = metric
                         if self.best_metric is None or metric > self.best_metric:
                             self.best_metric, self.best_step = metric, self.step
-                            export_student(self.student, self.objective, self.output / "best")
+                            export_student(self.student, self.loss, self.output / "best")
                     self._barrier()
                     self.student.train()
                 if log_file is not None and (self.step % cfg.log_every == 0 or evaluated):
@@ -675,7 +610,7 @@ class Trainer:
         summary = {"steps": self.step, "best_dev_spearman": self.best_metric, "best_step": self.best_step,
                    "nan_skips": self.nan_skips}
         if self.rank == 0:
-            export_student(self.student, self.objective, self.output / "final")
+            export_student(self.student, self.loss, self.output / "final")
             if cfg.plot and log_path.exists():
                 plot_log(log_path, self.output / "loss_curves.png")
         self._barrier()
@@ -760,7 +695,6 @@ def build_run(cfg: TrainConfig, device=None) -> Trainer:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    defaults = cfg.stage_defaults()
     needs_teacher = cfg.stage == "distill" and cfg.method != "none" and not cfg.teacher_embeddings
     teacher = None
     if needs_teacher or cfg.student_layers or cfg.fresh_student:
@@ -806,10 +740,7 @@ def build_run(cfg: TrainConfig, device=None) -> Trainer:
         else:
             teacher_dim = teacher.dim if teacher is not None else student.dim
         del teacher
-        objective = DistillObjective(cfg.method, student.dim, teacher_dim, temperature=defaults["temperature"],
-                                     beta=defaults["beta"], gamma=defaults["gamma"],
-                                     projection_dim=cfg.projection_dim, hsic_normalize=cfg.hsic_normalize,
-                                     backend=cfg.backend, projection_init=cfg.projection_init)
+        loss = build_loss(cfg, student.dim, teacher_dim)
     else:
         if cfg.method != "none":
             if not cfg.train_file:
@@ -819,10 +750,8 @@ def build_run(cfg: TrainConfig, device=None) -> Trainer:
                 log.info("train file: %s%s", labeled.stats,
                          "" if labeled.hard_negatives is not None else " (no hard negatives)")
             data = FinetuneData(labeled)
-        objective = FinetuneObjective(cfg.method, student.dim, temperature=defaults["temperature"], beta=defaults["beta"],
-                                      gamma=defaults["gamma"], projection_dim=defaults["projection_dim"],
-                                      hsic_normalize=cfg.hsic_normalize, backend=cfg.backend)
-    return Trainer(cfg, student, objective, data, device=device)
+        loss = build_loss(cfg, student.dim)
+    return Trainer(cfg, student, loss, data, device=device)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -833,7 +762,7 @@ def run(cfg: TrainConfig) -> dict:
     if rank == 0:
         best = Path(cfg.output) / "best"
         if cfg.method == "none":
-            export_student(trainer.student, trainer.objective, Path(cfg.output) / "final")
+            export_student(trainer.student, trainer.loss, Path(cfg.output) / "final")
         elif summary.get("best_step") is not None and best.exists():
             trainer.student = Encoder.load(str(best))
             trainer.student.to(trainer.device)

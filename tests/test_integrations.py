@@ -134,7 +134,7 @@ def test_supervised_loss_with_and_without_hard_negatives(tiny_bert):
     from ibkd.integrations.sentence_transformers import IBKDSupervisedLoss
 
     model = tiny_st_model(tiny_bert)
-    loss = IBKDSupervisedLoss(model, projection_dim=None, beta=1.0, gamma=0.1)
+    loss = IBKDSupervisedLoss(model, projection_dim=None, beta=1.0, gamma=0.1, normalize_hsic_inputs=False)
     anchors, positives, negatives = SENTENCES[:4], SENTENCES[4:8], SENTENCES[8:12]
     fa, sa, xa = _hf_reference(model, anchors, layer=-2)
     fp, sp, _ = _hf_reference(model, positives, layer=-1)
@@ -193,11 +193,11 @@ def test_supervised_loss_with_sentence_transformer_trainer(tiny_bert, tmp_path):
     dataset = datasets.Dataset.from_dict({"anchor": SENTENCES, "positive": SENTENCES[1:] + SENTENCES[:1],
                                           "negative": SENTENCES[2:] + SENTENCES[:2]})
     loss = IBKDSupervisedLoss(model, projection_dim=8)
-    before = loss.projection.weight.detach().clone()
+    before = loss.ibkd.projection.weight.detach().clone()
     trainer = _st_train(model, loss, dataset, tmp_path, steps=2)
     logged = [h for h in trainer.state.log_history if "loss" in h]
     assert logged and all({"infonce", "hsic"} <= set(h) for h in logged)
-    assert not torch.equal(before, loss.projection.weight)
+    assert not torch.equal(before, loss.ibkd.projection.weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,7 +259,9 @@ def test_hf_trainer_trains_student_and_projection_logs_and_saves(tiny_bert, tmp_
 
     out_dir = tmp_path / "saved"
     trainer.save_model(str(out_dir))
-    state = torch.load(out_dir / LOSS_STATE_NAME, weights_only=True)
+    from safetensors.torch import load_file
+
+    state = load_file(str(out_dir / LOSS_STATE_NAME))
     torch.testing.assert_close(state["projection.weight"], loss.projection.weight.detach())
     from transformers import AutoModel
 
@@ -281,3 +283,98 @@ def test_evaluation_accepts_a_sentence_transformer(tiny_bert):
     as_function = ev.evaluate_sts(lambda texts: model.encode(texts), pairs, batch_size=5)
     assert as_function["parameters"] is None
     assert as_function["spearman"] == pytest.approx(result["spearman"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# GradCache variants and the defaults the integrations hand to the library
+# ------------------------------------------------------------------------------------------------
+def _grads_after(loss, features, labels):
+    loss.zero_grad()
+    out = loss([dict(f) for f in features], labels)
+    total = sum(out.values())
+    total.backward()
+    grads = {n: p.grad.detach().clone() for n, p in loss.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in out.items()}, grads
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 4, 5])
+def test_cached_distillation_loss_equals_the_uncached_loss(tiny_bert, mini_batch_size):
+    from ibkd.integrations.sentence_transformers import CachedIBKDDistillationLoss, IBKDDistillationLoss
+
+    sentences = SENTENCES[:10]
+    results = []
+    for cls, kwargs in ((IBKDDistillationLoss, {}), (CachedIBKDDistillationLoss, {"mini_batch_size": mini_batch_size})):
+        torch.manual_seed(0)
+        model = tiny_st_model(tiny_bert)
+        loss = cls(model, TEACHER_DIM, beta=0.7, **kwargs)
+        features, _, _ = _hf_reference(model, sentences, layer=0)
+        results.append(_grads_after(loss, [features], teacher_vectors(sentences)))
+    (out_plain, g_plain), (out_cached, g_cached) = results
+    for key in out_plain:
+        torch.testing.assert_close(out_cached[key], out_plain[key], rtol=1e-5, atol=1e-6)
+    assert g_plain.keys() == g_cached.keys() and any(k.startswith("model.") for k in g_plain) and "ibkd.projection.weight" in g_plain
+    for name in g_plain:
+        torch.testing.assert_close(g_cached[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cached_supervised_loss_equals_the_uncached_loss(tiny_bert):
+    from ibkd.integrations.sentence_transformers import CachedIBKDSupervisedLoss, IBKDSupervisedLoss
+
+    columns = (SENTENCES[:6], SENTENCES[6:], SENTENCES[3:9])
+    results = []
+    for cls, kwargs in ((IBKDSupervisedLoss, {}), (CachedIBKDSupervisedLoss, {"mini_batch_size": 4})):
+        torch.manual_seed(0)
+        model = tiny_st_model(tiny_bert)
+        loss = cls(model, beta=0.5, projection_dim=8, **kwargs)
+        features = [_hf_reference(model, c, layer=-1)[0] for c in columns]
+        results.append(_grads_after(loss, features, None))
+    (out_plain, g_plain), (out_cached, g_cached) = results
+    for key in out_plain:
+        torch.testing.assert_close(out_cached[key], out_plain[key], rtol=1e-5, atol=1e-6)
+    for name in g_plain:
+        torch.testing.assert_close(g_cached[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_cached_loss_trains_under_the_trainer(tiny_bert, tmp_path):
+    from ibkd.integrations.sentence_transformers import CachedIBKDDistillationLoss
+
+    model = tiny_st_model(tiny_bert)
+    dataset = datasets.Dataset.from_dict({"sentence": SENTENCES, "label": teacher_vectors(SENTENCES).tolist()})
+    loss = CachedIBKDDistillationLoss(model, TEACHER_DIM, mini_batch_size=2)
+    before = model[0].auto_model.embeddings.word_embeddings.weight.detach().clone()
+    trainer = _st_train(model, loss, dataset, tmp_path, steps=2)
+    assert not torch.equal(before, model[0].auto_model.embeddings.word_embeddings.weight)
+    assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
+    with pytest.raises(ValueError, match="mini_batch_size"):
+        CachedIBKDDistillationLoss(model, TEACHER_DIM, mini_batch_size=0)
+
+
+def test_integrations_use_the_library_defaults(tiny_bert, tmp_path):
+    from ibkd.integrations.sentence_transformers import IBKDDistillationLoss, IBKDSupervisedLoss
+    from ibkd.losses import SupervisedIBKDLoss
+
+    model = tiny_st_model(tiny_bert)
+    stage1, library1 = IBKDDistillationLoss(model, 16).ibkd, IBKDLoss(16, 16)
+    stage2, library2 = IBKDSupervisedLoss(model).ibkd, SupervisedIBKDLoss(16)
+    for ours, lib in ((stage1, library1), (stage2, library2)):
+        assert ours.beta.auto and lib.beta.auto and ours.beta.target_ratio == lib.beta.target_ratio
+        assert ours.normalize_hsic_inputs == lib.normalize_hsic_inputs and ours.hsic.gamma == lib.hsic.gamma
+        assert float(ours.infonce.temperature) == float(lib.infonce.temperature)
+    assert torch.equal(stage1.projection.weight, torch.eye(16))  # identity start
+
+
+def test_st_loss_loads_a_legacy_projection_file(tiny_bert, tmp_path):
+    from ibkd.integrations.sentence_transformers import IBKDDistillationLoss
+
+    model = tiny_st_model(tiny_bert)
+    old = IBKDDistillationLoss(model, TEACHER_DIM, projection_init="random")
+    # an earlier release pickled the wrapped IBKDLoss state ("projection.*", no beta state)
+    torch.save({k: v for k, v in old.ibkd.state_dict().items() if not k.startswith("beta.")},
+               tmp_path / "ibkd_projection.pt")
+    fresh = IBKDDistillationLoss(model, TEACHER_DIM)
+    fresh.load_projection(tmp_path)
+    assert torch.equal(fresh.ibkd.projection.weight, old.ibkd.projection.weight)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "ibkd_projection.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="cannot read the loss state"):
+        fresh.load_projection(tmp_path / "bad")

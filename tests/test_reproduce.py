@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -70,8 +71,8 @@ def workspace(tmp_path_factory):
                    "batch_size": 8, "max_steps": 2, "lr": 1e-3, "temperature": 1.0, "beta": 0.2, "gamma": 1.0,
                    "save_steps": 100, "plot": False, "progress": False, "device": "cpu"},
         "sweep": {"select_by": "dev", "settings": [
-            {"name": "unit-g1-b0.2", "beta": 0.2, "gamma": 1.0, "hsic_normalize": True},
-            {"name": "raw-gmed-b100", "beta": 100, "gamma": "median", "hsic_normalize": False}]},
+            {"name": "unit-g1-b0.2", "beta": 0.2, "gamma": 1.0, "normalize_hsic_inputs": True},
+            {"name": "raw-gmed-b100", "beta": 100, "gamma": "median", "normalize_hsic_inputs": False}]},
         "finetune": {"min_score": 2.0, "batch_size": 4, "max_steps": 2, "lr": 1e-4, "device": "cpu",
                      "progress": False, "plot": False},
         "compact": {"enabled": True, "table": {"d_small": 8, "epochs": 1}},
@@ -122,10 +123,16 @@ def test_results_schema(reproduced):
     assert doc["environment"]["command"].startswith("ibkd reproduce --config")
     names = {r["name"] for r in doc["rows"]}
     chosen = doc["sweep"]["chosen"]
-    expected = ({"teacher", "none", "contrastive-s1", "ibkd-finetune", "compact-table", "compact-ibkd",
+    expected = ({"teacher", "none", "ibkd-finetune", "compact-table", "compact-ibkd",
                  "embedding-comparison", "sweep-unit-g1-b0.2", "sweep-raw-gmed-b100"}
-                | {f"mse-s{s}" for s in SEEDS} | {f"ibkd-s{s}" for s in SEEDS[1:]})
+                | {f"mse-s{s}" for s in SEEDS} | {f"contrastive-s{s}" for s in SEEDS} | {f"auto-s{s}" for s in SEEDS}
+                | {f"ibkd-s{s}" for s in SEEDS[1:]})
     assert names == expected
+    # the beta=auto rows calibrated a beta, and the targets compare them with the best fixed beta and beta=0
+    auto_line = next(line for line in doc["summary"] if line["row"] == "auto")
+    assert len(auto_line["runs"]) == len(SEEDS) and all(b > 0 for b in auto_line["chosen_beta"]["values"])
+    assert {"auto_minus_best_fixed_dev", "auto_minus_contrastive_dev"} <= set(doc["targets"])
+    assert "IBKD β=auto vs the best swept fixed β" in Path(spec["readme"]).read_text()
     assert chosen in {"sweep-unit-g1-b0.2", "sweep-raw-gmed-b100"}
     sweep_devs = {r["name"]: r["dev_spearman"] for r in doc["rows"] if r["group"] == "sweep"}
     assert sweep_devs[chosen] == max(sweep_devs.values())  # chosen by dev
@@ -172,7 +179,10 @@ def test_seed_rows_are_aggregated_as_mean_and_sample_std(reproduced):
     assert by["ibkd"]["runs"][0] == doc["sweep"]["chosen"]  # seed 1 of the IBKD row is the sweep's own run
     t = doc["targets"]
     assert t["ibkd_minus_mse"] == pytest.approx(by["ibkd"]["test_spearman"]["mean"] - by["mse"]["test_spearman"]["mean"])
-    assert by["contrastive"]["test_spearman"]["std"] is None  # one seed: no std
+    assert by["contrastive"]["test_spearman"]["n"] == len(SEEDS)  # every seed, like MSE and IBKD
+    assert by["none"]["test_spearman"]["std"] is None  # one run: no std
+    assert t["auto_minus_contrastive_dev"] == pytest.approx(by["auto"]["dev_spearman"]["mean"]
+                                                            - by["contrastive"]["dev_spearman"]["mean"])
 
 
 def test_printed_table_is_the_written_one_and_readme_changes_only_between_markers(reproduced):

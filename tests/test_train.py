@@ -6,8 +6,9 @@ import torch
 
 from ibkd.data import DataError, LabeledData
 from ibkd.models import Encoder, build_student, make_tiny_bert
-from ibkd.train import (CHECKPOINT_NAME, ConfigError, DistillData, DistillObjective, FinetuneData, FinetuneObjective,
-                        NonFiniteLossError, TrainConfig, Trainer)
+from ibkd.losses import IBKDLoss
+from ibkd.train import (CHECKPOINT_NAME, ConfigError, DistillData, FinetuneData, NonFiniteLossError, TrainConfig, Trainer,
+                        build_loss)
 
 WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
 
@@ -29,14 +30,11 @@ def distill_trainer(tiny, tmp_path, n=24, method="ibkd", **overrides):
     torch.manual_seed(0)
     teacher_vectors = np.random.default_rng(1).normal(size=(n, 48)).astype(np.float32)
     student = build_student(Encoder.load(tiny), layers=[0, 2])
-    d = cfg.stage_defaults()
-    objective = DistillObjective(method, student.dim, 48, temperature=d["temperature"], beta=d["beta"], gamma=d["gamma"],
-                                 projection_dim=None, hsic_normalize=True, backend=cfg.backend)
-    return Trainer(cfg, student, objective, DistillData(sentences(n), teacher_vectors))
+    return Trainer(cfg, student, build_loss(cfg, student.dim, 48), DistillData(sentences(n), teacher_vectors))
 
 
 def grads(trainer):
-    return {n: p.grad.clone() for n, p in list(trainer.student.named_parameters()) + list(trainer.objective.named_parameters())
+    return {n: p.grad.clone() for n, p in list(trainer.student.named_parameters()) + list(trainer.loss.named_parameters())
             if p.grad is not None}
 
 
@@ -63,10 +61,7 @@ def finetune_trainer(tiny, tmp_path, hard_negatives=True, **overrides):
     data = FinetuneData(LabeledData(a, p, n if hard_negatives else None))
     torch.manual_seed(0)
     student = Encoder.load(tiny)
-    d = cfg.stage_defaults()
-    objective = FinetuneObjective("ibkd", student.dim, temperature=d["temperature"], beta=d["beta"], gamma=d["gamma"],
-                                  projection_dim=d["projection_dim"], hsic_normalize=True, backend="auto")
-    return Trainer(cfg, student, objective, data)
+    return Trainer(cfg, student, build_loss(cfg, student.dim), data)
 
 
 @pytest.mark.parametrize("hard_negatives", [True, False])
@@ -88,7 +83,7 @@ def test_stage2_without_hard_negatives_trains(tiny, tmp_path):
     summary = trainer.fit()
     assert summary["steps"] == 2
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.student.parameters()))
-    assert (tmp_path / "out" / "final" / "ibkd_projection.pt").exists()
+    assert (tmp_path / "out" / "final" / "ibkd_projection.safetensors").exists()
 
 
 @pytest.mark.parametrize("method,terms", [("ibkd", {"infonce", "hsic"}), ("contrastive", {"infonce"}), ("mse", {"mse"})])
@@ -135,17 +130,17 @@ def test_grad_accumulation_averages_micro_batches(tiny, tmp_path):
 
 def test_nan_loss_stops_and_keeps_checkpoint(tiny, tmp_path):
     trainer = distill_trainer(tiny, tmp_path, max_steps=4, save_steps=1)
-    real_terms = trainer.objective.terms
+    real_forward = trainer.loss.forward
     calls = {"n": 0}
 
-    def sometimes_nan(s, x, t):
+    def sometimes_nan(s, t, x):
         calls["n"] += 1
-        out = real_terms(s, x, t)
+        out = real_forward(s, t, x)
         if calls["n"] == 3:
             out["hsic"] = out["hsic"] * float("nan")
         return out
 
-    trainer.objective.terms = sometimes_nan
+    trainer.loss.forward = sometimes_nan
     with pytest.raises(NonFiniteLossError, match="non-finite hsic loss at step 3"):
         trainer.fit()
     state = torch.load(tmp_path / "out" / CHECKPOINT_NAME, weights_only=False)
@@ -156,16 +151,16 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny, tmp_path):
 
 def test_nan_skip_policy(tiny, tmp_path):
     trainer = distill_trainer(tiny, tmp_path, max_steps=3, nan_policy="skip")
-    real_terms, calls = trainer.objective.terms, {"n": 0}
+    real_forward, calls = trainer.loss.forward, {"n": 0}
 
-    def once_nan(s, x, t):
+    def once_nan(s, t, x):
         calls["n"] += 1
-        out = real_terms(s, x, t)
+        out = real_forward(s, t, x)
         if calls["n"] == 2:
             out["infonce"] = out["infonce"] + float("inf")
         return out
 
-    trainer.objective.terms = once_nan
+    trainer.loss.forward = once_nan
     summary = trainer.fit()
     assert summary == {**summary, "steps": 3, "nan_skips": 1}
 
@@ -185,15 +180,25 @@ def test_config_validation():
     cfg = TrainConfig.from_dict({"stage": "finetune", "method": "contrastive"})
     assert cfg.stage_defaults() == {"temperature": 0.05, "beta": 0.0, "gamma": 0.1, "projection_dim": 128,
                                     "hsic_layer": "penultimate"}
-    assert TrainConfig().stage_defaults()["beta"] == 0.2
+    assert TrainConfig().stage_defaults()["beta"] == "auto"
 
 
-def test_projection_starts_at_identity_when_dims_match():
-    kw = dict(temperature=1.0, beta=0.2, gamma=1.0, projection_dim=None, hsic_normalize=True, backend="reference")
-    same = DistillObjective("ibkd", 16, 16, **kw)
+def test_the_cli_trains_with_the_library_loss_and_its_defaults():
+    cfg = TrainConfig.from_dict({})
+    loss = build_loss(cfg, 16, 16)
+    assert type(loss) is IBKDLoss
+    default = IBKDLoss(16, 16)
+    assert loss.beta.auto and default.beta.auto and loss.beta.target_ratio == default.beta.target_ratio
+    assert loss.normalize_hsic_inputs == default.normalize_hsic_inputs
+    assert loss.hsic.gamma == default.hsic.gamma and float(loss.infonce.temperature) == float(default.infonce.temperature)
     s = torch.randn(4, 16)
-    torch.testing.assert_close(same.ibkd.projection(s), s)
-    random_p = DistillObjective("ibkd", 16, 16, projection_init="random", **kw)
-    assert not torch.allclose(random_p.ibkd.projection(s), s)
+    torch.testing.assert_close(loss.projection(s), s)  # identity start, as the library's default
+    random_p = build_loss(TrainConfig.from_dict({"projection_init": "random"}), 16, 16)
+    assert not torch.allclose(random_p.projection(s), s)
     with pytest.raises(ConfigError, match="projection_init"):
         TrainConfig.from_dict({"projection_init": "zeros"})
+    # the old key name still reads, a bad beta is one line
+    assert TrainConfig.from_dict({"hsic_normalize": False}).normalize_hsic_inputs is False
+    with pytest.raises(ConfigError, match="beta must be a non-negative number or 'auto'"):
+        TrainConfig.from_dict({"beta": "sometimes"})
+    assert build_loss(TrainConfig.from_dict({"beta": 3}), 16, 16).beta.current() == 3.0

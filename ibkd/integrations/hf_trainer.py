@@ -13,8 +13,10 @@ needs, and it would not train the projection P. So this is a small Trainer subcl
 * logs ``infonce`` and ``hsic`` (unweighted, averaged since the last log) beside ``loss``;
 * keeps the ``teacher_embedding`` column (the Trainer otherwise drops columns the model's forward
   does not name), and computes the same loss in evaluation;
-* saves P beside the model (``ibkd_loss.pt`` in every checkpoint and in ``save_model``'s folder)
-  and restores it when resuming from a checkpoint.
+* saves the loss's state (P, a calibrated β) beside the model (``ibkd_loss.safetensors`` in every
+  checkpoint and in ``save_model``'s folder) and restores it when resuming from a checkpoint;
+* under ``torchrun`` the loss gathers every rank's rows and keeps P identical on every rank
+  (:mod:`ibkd.losses.distributed`).
 
 :class:`TeacherEmbeddingCollator` pads tokenized rows and stacks their teacher vectors.
 
@@ -35,7 +37,7 @@ Example::
         args=TrainingArguments("out", per_device_train_batch_size=256, learning_rate=1e-4),
         train_dataset=dataset,
         data_collator=TeacherEmbeddingCollator(tokenizer),
-        ibkd_loss=IBKDLoss(384, 768, temperature=1.0, beta=0.2, gamma=1.0),
+        ibkd_loss=IBKDLoss(384, 768),   # the defaults of `ibkd distill`: tau 1.0, beta "auto", gamma 1.0
     )
     trainer.train()
 """
@@ -49,12 +51,13 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from ..losses import IBKDLoss
+from ..losses import IBKDLoss, load_loss_state, save_loss_state
 
 __all__ = ["IBKDTrainer", "TeacherEmbeddingCollator", "LOSS_STATE_NAME", "TEACHER_COLUMN"]
 
 TEACHER_COLUMN = "teacher_embedding"
-LOSS_STATE_NAME = "ibkd_loss.pt"
+LOSS_STATE_NAME = "ibkd_loss.safetensors"
+LEGACY_LOSS_STATE_NAME = "ibkd_loss.pt"  # written by earlier releases; still restored
 POOLING_MODES = ("mean", "cls")
 
 
@@ -139,7 +142,8 @@ class IBKDTrainer(Trainer):
         teacher = inputs.pop(TEACHER_COLUMN)
         inputs.pop("labels", None)
         attention_mask = inputs["attention_mask"]
-        need_hidden = self.ibkd_loss.beta > 0
+        self.ibkd_loss.train(model.training)  # β calibrates in training steps only
+        need_hidden = self.ibkd_loss.uses_inputs
         outputs = model(**inputs, output_hidden_states=need_hidden, return_dict=True)
         student = _pool(outputs.last_hidden_state, attention_mask, self.pooling)
         if self.normalize:
@@ -152,7 +156,9 @@ class IBKDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = self.ibkd_forward(model, inputs)
         if model.training:
-            for name in ("infonce", "hsic"):
+            for name in ("infonce", "hsic", "mse", "beta"):
+                if name not in out:
+                    continue
                 value = out[name].detach().float()
                 self._component_sums[name] = self._component_sums.get(name, 0.0) + value
             self._component_steps += 1
@@ -187,11 +193,12 @@ class IBKDTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
-            torch.save(self.ibkd_loss.state_dict(), os.path.join(output_dir, LOSS_STATE_NAME))
+            save_loss_state(self.ibkd_loss, os.path.join(output_dir, LOSS_STATE_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        path = os.path.join(resume_from_checkpoint, LOSS_STATE_NAME)
-        if os.path.isfile(path):
-            state = torch.load(path, map_location=self.args.device, weights_only=True)
-            self.ibkd_loss.load_state_dict(state)
+        for name in (LOSS_STATE_NAME, LEGACY_LOSS_STATE_NAME):
+            path = os.path.join(resume_from_checkpoint, name)
+            if os.path.isfile(path):
+                load_loss_state(self.ibkd_loss, path)
+                break

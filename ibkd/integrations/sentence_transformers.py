@@ -7,8 +7,15 @@ They follow that library's loss convention — the model first in the constructo
 every parameter of the loss module, the learned projection P included.
 
 * :class:`IBKDDistillationLoss` — stage 1: unlabeled sentences with pre-computed teacher vectors in
-  the ``label`` column.
-* :class:`IBKDSupervisedLoss` — stage 2: (anchor, positive[, hard negative ...]) columns.
+  the ``label`` column; :class:`CachedIBKDDistillationLoss`, the same with GradCache for batches larger
+  than memory.
+* :class:`IBKDSupervisedLoss` — stage 2: (anchor, positive[, hard negative ...]) columns;
+  :class:`CachedIBKDSupervisedLoss`, the same with GradCache.
+
+The objective itself is :class:`ibkd.losses.IBKDLoss` / :class:`ibkd.losses.SupervisedIBKDLoss` with
+its own defaults (``beta="auto"``, identity start of P, L2-normalised HSIC inputs): these classes only
+embed the sentences and hand the vectors over. Under ``torchrun`` the objective gathers every rank's
+rows (the other ranks' teacher vectors become negatives) and keeps P identical on every rank.
 
 The HSIC input x is a mean-pooled hidden layer of the student's transformer (the embedding-layer
 output by default in stage 1, the penultimate layer in stage 2), read from the first module of the
@@ -27,9 +34,10 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..losses import STAGE1_DEFAULTS, STAGE2_DEFAULTS, HSICLoss, IBKDLoss, InfoNCELoss
+from ..losses import IBKDLoss, SupervisedIBKDLoss, load_loss_state, save_loss_state
 
-__all__ = ["IBKDDistillationLoss", "IBKDSupervisedLoss", "embed_with_hidden_layer"]
+__all__ = ["CachedIBKDDistillationLoss", "CachedIBKDSupervisedLoss", "IBKDDistillationLoss", "IBKDSupervisedLoss",
+           "embed_with_hidden_layer"]
 
 IBKD_CITATION = """
 @inproceedings{zhang-etal-2023-text,
@@ -112,37 +120,60 @@ def embed_with_hidden_layer(model: nn.Module, features: dict[str, Any], layer: i
     return out["sentence_embedding"], _masked_mean(hidden_states[layer], out["attention_mask"])
 
 
-def _save_state(module: nn.Module, path: Union[str, os.PathLike]) -> None:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "ibkd_projection.pt")
-    torch.save(module.state_dict(), path)
-
-
-def _load_state(module: nn.Module, path: Union[str, os.PathLike]) -> None:
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "ibkd_projection.pt")
-    module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-
 
 # ---------------------------------------------------------------------------------------------
-# stage 1
+# what every loss here shares
 # ---------------------------------------------------------------------------------------------
-class _IBKDSentenceLossBase(nn.Module):
-    """What both losses share: saving/loading the learned projection, config and citation."""
+class _IBKDSentenceLoss(nn.Module):
+    """Embeds the columns with the SentenceTransformer and hands the vectors to the library objective
+    ``self.ibkd``; saves and loads that objective's state (P, a calibrated β)."""
 
-    _config: dict
+    ibkd: Union[IBKDLoss, SupervisedIBKDLoss]
 
-    def _projection_state(self) -> nn.Module:
+    def __init__(self, model: nn.Module, input_layer: int, config: dict) -> None:
+        super().__init__()
+        self.model = model
+        _backbone_config(model)  # fail at construction, not at the first step
+        self.input_layer = input_layer
+        self._config = config
+
+    def embed(self, column: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """(sentence embedding, x) of one column; x only when the objective needs it."""
+        # the trainer switches the model between train and eval, not the loss: β calibrates in training only
+        self.ibkd.train(self.model.training)
+        if self.ibkd.uses_inputs:
+            return embed_with_hidden_layer(self.model, column, self.input_layer)
+        return self.model(column)["sentence_embedding"], None
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+        features = list(sentence_features)
+        self._check_inputs(features, labels)
+        return self._components(self._objective([self.embed(column) for column in features], labels))
+
+    def _check_inputs(self, features: list, labels: Optional[Tensor]) -> None:
         raise NotImplementedError
 
+    def _objective(self, embedded: list, labels: Optional[Tensor]) -> dict:
+        """The library objective's output dict over the embedded columns."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _components(out: dict) -> dict[str, Tensor]:
+        """The trainer sums and logs these: β·HSIC (a detached value) and the rest of the loss, through
+        which the gradient of the whole objective flows."""
+        if "hsic" not in out:  # the mse / none baselines: one term
+            return {"mse" if "mse" in out else "loss": out["loss"]}
+        weighted_hsic = (out["beta"].to(out["hsic"]) * out["hsic"]).detach()
+        return {"infonce": out["loss"] - weighted_hsic, "hsic": weighted_hsic}
+
     def save_projection(self, path: Union[str, os.PathLike]) -> None:
-        """Save the learned projection(s) of the loss (a file, or ``ibkd_projection.pt`` in a folder)."""
-        _save_state(self._projection_state(), path)
+        """Save the objective's state (P, and β once calibrated) as safetensors: a ``.safetensors`` file, or
+        ``ibkd_projection.safetensors`` in a folder."""
+        save_loss_state(self.ibkd, path)
 
     def load_projection(self, path: Union[str, os.PathLike]) -> None:
-        _load_state(self._projection_state(), path)
+        """Load what :meth:`save_projection` wrote; an older ``ibkd_projection.pt`` still loads."""
+        load_loss_state(self.ibkd, path)
 
     def get_config_dict(self) -> dict[str, Any]:
         return dict(self._config)
@@ -152,44 +183,41 @@ class _IBKDSentenceLossBase(nn.Module):
         return IBKD_CITATION
 
 
-class IBKDDistillationLoss(_IBKDSentenceLossBase):
-    def __init__(
-        self,
-        model: nn.Module,
-        teacher_dim: int,
-        *,
-        temperature: float = STAGE1_DEFAULTS["temperature"],
-        beta: float = STAGE1_DEFAULTS["beta"],
-        gamma: Union[float, str] = STAGE1_DEFAULTS["gamma"],
-        projection: bool = True,
-        projection_dim: Optional[int] = None,
-        input_layer: int = 0,
-        student_dim: Optional[int] = None,
-        gamma_z: Optional[Union[float, str]] = None,
-        kernel: str = "rbf",
-        normalized_hsic: bool = False,
-        backend: str = "auto",
-    ) -> None:
+def _mean_over_columns(outs: list[dict]) -> dict:
+    if len(outs) == 1:
+        return outs[0]
+    keys = [k for k in ("loss", "mse", "hsic", "beta") if k in outs[0]]
+    return {key: torch.stack([o[key].to(outs[0]["loss"]) for o in outs]).mean() for key in keys}
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1
+# ---------------------------------------------------------------------------------------------
+class IBKDDistillationLoss(_IBKDSentenceLoss):
+    def __init__(self, model: nn.Module, teacher_dim: int, *, input_layer: int = 0,
+                 student_dim: Optional[int] = None, **objective_kwargs: Any) -> None:
         """
         IBKD distillation (stage 1): the student keeps the teacher's information through an InfoNCE
         between its projected embedding P(s) and the teacher embedding t (the other teacher vectors
         of the batch are the negatives), and drops input information it does not need through
         β·HSIC(x, s), x being the mean-pooled embedding-layer output of the student's transformer.
-        Wraps :class:`ibkd.losses.IBKDLoss` (fused InfoNCE/HSIC kernels where available).
+        The objective is :class:`ibkd.losses.IBKDLoss` (fused InfoNCE/HSIC kernels where available),
+        with the same defaults as ``ibkd distill``.
 
         Args:
             model: the student SentenceTransformer; its first module must be a Transformer.
             teacher_dim: dimension of the teacher vectors in the label column.
-            temperature: τ of the InfoNCE term (paper, stage 1: 1.0).
-            beta: weight β of the HSIC term (paper, stage 1: 0.2). 0 gives plain contrastive distillation.
-            gamma: RBF bandwidth of HSIC, a float or ``"median"`` (paper, stage 1: 1.0).
-            projection: learn P: Linear(student_dim → teacher_dim). Lives on the loss, is trained by
-                the trainer with the student, and is not part of the saved model (see
-                :meth:`save_projection`). ``False`` needs student_dim == teacher_dim.
-            projection_dim: compare in a space of this size instead of the teacher's (see IBKDLoss).
             input_layer: which hidden layer is pooled into x (0 = embedding output).
             student_dim: the student's embedding dim; read from the model by default.
-            gamma_z, kernel, normalized_hsic, backend: passed to :class:`ibkd.losses.IBKDLoss`.
+            **objective_kwargs: options of :class:`ibkd.losses.IBKDLoss`, with its defaults:
+                ``temperature=1.0``; ``beta="auto"`` (β set in the first training steps so that the HSIC
+                gradient is ``beta_target_ratio=0.5`` times the InfoNCE gradient at the student output,
+                then frozen; a number means exactly that β, 0 gives contrastive distillation);
+                ``gamma=1.0`` (or ``"median"``); ``normalize_hsic_inputs=True``; ``projection=True`` with
+                ``projection_init="identity"`` (P starts at the identity when the dims match);
+                ``projection_dim=None``; ``method="ibkd"`` (or ``"contrastive"``, ``"mse"``);
+                ``gather_across_devices=None`` (on under ``torchrun``); ``cka``, ``gamma_z``, ``kernel``,
+                ``track_grad_norms``, ``backend``.
 
         References:
             - Text Representation Distillation via Information Bottleneck Principle (EMNLP 2023):
@@ -210,11 +238,12 @@ class IBKDDistillationLoss(_IBKDSentenceLossBase):
             |                                 | columns) or ``(batch_size, N, teacher_dim)``        |
             +---------------------------------+-----------------------------------------------------+
 
-        Returns (from ``forward``): ``{"infonce": ..., "hsic": ...}`` where ``hsic`` is already
-        weighted by β, so the two sum to the IBKD loss (the trainer sums them). With several
-        columns each component is the mean over columns. The gradient of the whole loss flows
-        through the ``infonce`` entry (the loss minus the detached weighted HSIC value), keeping
-        :class:`ibkd.losses.IBKDLoss` the single implementation of the objective.
+        Returns (from ``forward``): ``{"infonce": ..., "hsic": β·HSIC}``; the trainer sums and logs them.
+        With several columns each is the mean over columns.
+
+        Relations:
+            - :class:`CachedIBKDDistillationLoss` is the same objective with GradCache (any batch size).
+            - With ``method="mse"`` this is sentence-transformers' ``MSELoss`` through a learned P.
 
         Example:
             ::
@@ -231,98 +260,62 @@ class IBKDDistillationLoss(_IBKDSentenceLossBase):
                 loss = IBKDDistillationLoss(student, teacher_dim=teacher.get_embedding_dimension())
                 trainer = SentenceTransformerTrainer(model=student, train_dataset=train_dataset, loss=loss)
                 trainer.train()
-                loss.save_projection("output/ibkd_projection.pt")  # P, to continue training later
+                loss.save_projection("output/")  # P and the calibrated beta, as safetensors
         """
-        super().__init__()
-        self.model = model
-        _backbone_config(model)  # fail at construction, not at the first step
+        super().__init__(model, input_layer, dict(teacher_dim=teacher_dim, input_layer=input_layer, **objective_kwargs))
         self.student_dim = student_dim or _embedding_dim(model)
         self.teacher_dim = teacher_dim
-        self.input_layer = input_layer
-        self.ibkd = IBKDLoss(
-            self.student_dim, teacher_dim, temperature=temperature, beta=beta, gamma=gamma, projection=projection,
-            projection_dim=projection_dim, gamma_z=gamma_z, kernel=kernel, normalized_hsic=normalized_hsic,
-            backend=backend,
-        )
-        self._config = dict(teacher_dim=teacher_dim, temperature=temperature, beta=beta, gamma=gamma,
-                            projection=projection, projection_dim=projection_dim, input_layer=input_layer)
+        self.ibkd = IBKDLoss(self.student_dim, teacher_dim, **objective_kwargs)
 
-    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor]) -> dict[str, Tensor]:
+    def _check_inputs(self, features: list, labels: Optional[Tensor]) -> None:
+        self._targets(labels, len(features))
+
+    def _targets(self, labels: Optional[Tensor], columns: int) -> list[Tensor]:
         if labels is None:
-            raise ValueError(
-                "IBKDDistillationLoss needs the teacher embeddings in the dataset's 'label' column "
-                "(shape (batch_size, teacher_dim))"
-            )
-        features = list(sentence_features)
+            raise ValueError("IBKDDistillationLoss needs the teacher embeddings in the dataset's 'label' column "
+                             "(shape (batch_size, teacher_dim))")
         teacher = labels.detach()
         if teacher.dim() == 2:
-            targets = [teacher] * len(features)
-        elif teacher.dim() == 3 and teacher.shape[1] == len(features):
+            targets = [teacher] * columns
+        elif teacher.dim() == 3 and teacher.shape[1] == columns:
             targets = list(teacher.unbind(1))
         else:
-            raise ValueError(
-                f"labels must be (batch_size, teacher_dim) or (batch_size, {len(features)}, teacher_dim), "
-                f"got shape {tuple(teacher.shape)}"
-            )
+            raise ValueError(f"labels must be (batch_size, teacher_dim) or (batch_size, {columns}, teacher_dim), "
+                             f"got shape {tuple(teacher.shape)}")
         if targets[0].shape[-1] != self.teacher_dim:
             raise ValueError(f"teacher embeddings have dim {targets[0].shape[-1]}, the loss expects {self.teacher_dim}")
+        return targets
 
-        total, weighted_hsic = [], []
-        for column, target in zip(features, targets):
-            if self.ibkd.beta > 0:
-                student, inputs = embed_with_hidden_layer(self.model, column, self.input_layer)
-            else:  # no HSIC term: no hidden states needed
-                student, inputs = self.model(column)["sentence_embedding"], None
-            out = self.ibkd(student, target, inputs)
-            total.append(out["loss"])
-            weighted_hsic.append(self.ibkd.beta * out["hsic"])
-        loss = torch.stack(total).mean()
-        hsic = torch.stack(weighted_hsic).mean()
-        return {"infonce": loss - hsic, "hsic": hsic}
-
-    def _projection_state(self) -> nn.Module:
-        return self.ibkd
+    def _objective(self, embedded: list, labels: Optional[Tensor]) -> dict:
+        targets = self._targets(labels, len(embedded))
+        return _mean_over_columns([self.ibkd(s, t, x) for (s, x), t in zip(embedded, targets)])
 
 
 # ---------------------------------------------------------------------------------------------
 # stage 2
 # ---------------------------------------------------------------------------------------------
-class IBKDSupervisedLoss(_IBKDSentenceLossBase):
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        temperature: float = STAGE2_DEFAULTS["temperature"],
-        beta: float = STAGE2_DEFAULTS["beta"],
-        gamma: Union[float, str] = STAGE2_DEFAULTS["gamma"],
-        projection_dim: Optional[int] = STAGE2_DEFAULTS["projection_dim"],
-        input_layer: int = -2,
-        student_dim: Optional[int] = None,
-        gamma_z: Optional[Union[float, str]] = None,
-        kernel: str = "rbf",
-        normalized_hsic: bool = False,
-        backend: str = "auto",
-    ) -> None:
+class IBKDSupervisedLoss(_IBKDSentenceLoss):
+    def __init__(self, model: nn.Module, *, input_layer: int = -2, student_dim: Optional[int] = None,
+                 **objective_kwargs: Any) -> None:
         """
         Supervised IBKD (stage 2): InfoNCE between the anchor and its positive, the other positives of
         the batch and every hard negative being negatives, plus β·HSIC(x, s) between the anchor
         embedding s and x, the mean-pooled penultimate layer of the student's transformer. Anchor and
-        candidates go through the same optional projection P before the InfoNCE; HSIC uses s itself.
-        Works with or without hard-negative columns.
+        candidates go through the same projection P before the InfoNCE; HSIC uses s itself. Works with
+        or without hard-negative columns. The objective is :class:`ibkd.losses.SupervisedIBKDLoss`,
+        with the same defaults as ``ibkd finetune``.
 
         Args:
             model: the SentenceTransformer to fine-tune; its first module must be a Transformer.
-            temperature: τ of the InfoNCE term (paper, stage 2: 0.05).
-            beta: weight β of the HSIC term (paper, stage 2: 1.0). 0 gives plain supervised InfoNCE
-                (MultipleNegativesRankingLoss with scale 1/τ when ``projection_dim=None``).
-            gamma: RBF bandwidth of HSIC, a float or ``"median"`` (paper, stage 2: 0.1).
-            projection_dim: size of the shared projection P used for the InfoNCE (paper: optional,
-                128); ``None`` compares the embeddings themselves. P lives on the loss, is trained by
-                the trainer, and is not used at inference.
             input_layer: which hidden layer is pooled into x (-2 = penultimate).
             student_dim: the model's embedding dim; read from the model by default.
-            gamma_z, kernel, normalized_hsic, backend: passed to :class:`ibkd.losses.HSICLoss` /
-                :class:`ibkd.losses.InfoNCELoss`.
+            **objective_kwargs: options of :class:`ibkd.losses.SupervisedIBKDLoss`, with its defaults:
+                ``temperature=0.05``; ``beta="auto"`` (a number means exactly that β; 0 gives
+                MultipleNegativesRankingLoss with scale 1/τ when ``projection_dim=None``); ``gamma=0.1``;
+                ``projection_dim=128`` (``None``: compare the embeddings themselves);
+                ``normalize_hsic_inputs=True``; ``gather_across_devices=None`` (on under ``torchrun``);
+                ``beta_target_ratio``, ``beta_calibration_steps``, ``cka``, ``gamma_z``, ``kernel``,
+                ``track_grad_norms``, ``backend``.
 
         References:
             - Text Representation Distillation via Information Bottleneck Principle (EMNLP 2023):
@@ -345,6 +338,10 @@ class IBKDSupervisedLoss(_IBKDSentenceLossBase):
 
         Returns (from ``forward``): ``{"infonce": ..., "hsic": β·HSIC}``; the trainer sums them.
 
+        Relations:
+            - :class:`CachedIBKDSupervisedLoss` is the same objective with GradCache.
+            - With ``beta=0`` and ``projection_dim=None``: ``MultipleNegativesRankingLoss(scale=1/τ)``.
+
         Example:
             ::
 
@@ -362,37 +359,198 @@ class IBKDSupervisedLoss(_IBKDSentenceLossBase):
                 trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
                 trainer.train()
         """
-        super().__init__()
-        if not (isinstance(beta, (int, float)) and beta >= 0):
-            raise ValueError(f"beta must be a non-negative float, got {beta!r}")
-        self.model = model
-        _backbone_config(model)
+        super().__init__(model, input_layer, dict(input_layer=input_layer, **objective_kwargs))
         self.student_dim = student_dim or _embedding_dim(model)
-        self.beta = float(beta)
-        self.input_layer = input_layer
-        self.projection = nn.Linear(self.student_dim, projection_dim) if projection_dim else nn.Identity()
-        self.infonce = InfoNCELoss(temperature, backend=backend)
-        self.hsic = HSICLoss(gamma, gamma_z, kernel=kernel, normalized=normalized_hsic, backend=backend)
-        self._config = dict(temperature=temperature, beta=beta, gamma=gamma, projection_dim=projection_dim,
-                            input_layer=input_layer)
+        self.ibkd = SupervisedIBKDLoss(self.student_dim, **objective_kwargs)
 
-    def forward(
-        self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None
-    ) -> dict[str, Tensor]:
+    def embed(self, column: dict[str, Tensor], *, anchor: bool = True) -> tuple[Tensor, Optional[Tensor]]:
+        if anchor:
+            return super().embed(column)
+        return self.model(column)["sentence_embedding"], None
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
         features = list(sentence_features)
+        self._check_inputs(features, labels)
+        embedded = [self.embed(column, anchor=i == 0) for i, column in enumerate(features)]
+        return self._components(self._objective(embedded, labels))
+
+    def _check_inputs(self, features: list, labels: Optional[Tensor]) -> None:
         if len(features) < 2:
             raise ValueError(
-                f"IBKDSupervisedLoss needs (anchor, positive[, negative ...]) columns, got {len(features)} column(s)"
-            )
-        if self.beta > 0:
-            anchor, inputs = embed_with_hidden_layer(self.model, features[0], self.input_layer)
-        else:
-            anchor, inputs = self.model(features[0])["sentence_embedding"], None
-        # positives first, then every hard negative: row i of the keys is the positive of anchor i
-        candidates = torch.cat([self.model(column)["sentence_embedding"] for column in features[1:]])
-        contrastive = self.infonce(self.projection(anchor), self.projection(candidates))
-        hsic = self.beta * self.hsic(inputs, anchor) if self.beta > 0 else contrastive.new_zeros(())
-        return {"infonce": contrastive, "hsic": hsic}
+                f"IBKDSupervisedLoss needs (anchor, positive[, negative ...]) columns, got {len(features)} column(s)")
 
-    def _projection_state(self) -> nn.Module:
-        return self.projection
+    def _objective(self, embedded: list, labels: Optional[Tensor]) -> dict:
+        (anchor, inputs), (positive, _), *negatives = embedded
+        return self.ibkd(anchor, positive, inputs, negatives=[n for n, _ in negatives])
+
+
+# ---------------------------------------------------------------------------------------------
+# GradCache variants
+# ---------------------------------------------------------------------------------------------
+def _slice_features(features: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
+    rows = features["input_ids"].shape[0] if "input_ids" in features else None
+    return {k: v[start:stop] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == rows else v
+            for k, v in features.items()}
+
+
+def _batch_rows(features: dict[str, Any]) -> int:
+    for value in features.values():
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    raise ValueError("a sentence-features dict holds no tensor")
+
+
+class _RngSnapshot:
+    """The RNG state before a chunk's first (no-grad) pass, replayed for its second pass so that dropout
+    draws the same masks."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        devices = [self.device] if self.cuda is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.cuda is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+class _GradCacheMixin:
+    """GradCache (Gao et al., 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
+    Setup", https://arxiv.org/abs/2101.06983): embed the batch in mini-batches without a graph, compute the
+    objective on the (detached) embeddings, and when the trainer backpropagates, re-embed each mini-batch
+    with a graph and push the cached embedding gradients through it. Memory is that of one mini-batch of
+    the encoder plus the embeddings; gradients equal the uncached loss's (up to float rounding)."""
+
+    mini_batch_size: int
+
+    def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
+        features = list(sentence_features)
+        self._check_inputs(features, labels)
+        chunks, snapshots, embedded = [], [], []
+        with torch.no_grad():
+            for i, column in enumerate(features):
+                rows = _batch_rows(column)
+                parts, col_chunks, col_snaps = [], [], []
+                for start in range(0, rows, self.mini_batch_size):
+                    chunk = _slice_features(column, start, start + self.mini_batch_size)
+                    col_snaps.append(_RngSnapshot(_unwrap_device(self.model)))
+                    parts.append(self._embed_column(chunk, i))
+                    col_chunks.append(chunk)
+                s = torch.cat([p[0] for p in parts])
+                x = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+                embedded.append((s.detach().requires_grad_(), None if x is None else x.detach().requires_grad_()))
+                chunks.append(col_chunks)
+                snapshots.append(col_snaps)
+        out = self._objective(embedded, labels)
+        leaves = [t for pair in embedded for t in pair if t is not None]
+        if out["loss"].requires_grad and torch.is_grad_enabled():
+            torch.autograd.graph.register_multi_grad_hook(
+                leaves, lambda grads: self._replay(chunks, snapshots, embedded, grads), mode="all")
+        return self._components(out)
+
+    def _embed_column(self, chunk: dict[str, Tensor], index: int) -> tuple[Tensor, Optional[Tensor]]:
+        return self.embed(chunk)
+
+    def _replay(self, chunks: list, snapshots: list, embedded: list, grads) -> None:
+        with torch.enable_grad():  # autograd runs hooks with grad mode off
+            self._replay_chunks(chunks, snapshots, embedded, grads)
+
+    def _replay_chunks(self, chunks: list, snapshots: list, embedded: list, grads) -> None:
+        grads = iter(grads)
+        for i, (col_chunks, col_snaps, (s, x)) in enumerate(zip(chunks, snapshots, embedded)):
+            g_s = next(grads)
+            g_x = next(grads) if x is not None else None
+            start = 0
+            for chunk, snapshot in zip(col_chunks, col_snaps):
+                with snapshot.replay():
+                    s_c, x_c = self._embed_column(chunk, i)
+                stop = start + s_c.shape[0]
+                outputs, cotangents = [], []
+                if g_s is not None:
+                    outputs.append(s_c)
+                    cotangents.append(g_s[start:stop])
+                if x_c is not None and g_x is not None:
+                    outputs.append(x_c)
+                    cotangents.append(g_x[start:stop])
+                if outputs:
+                    torch.autograd.backward(outputs, cotangents)
+                start = stop
+
+
+def _unwrap_device(model: nn.Module) -> torch.device:
+    param = next(_unwrap(model).parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _check_mini_batch_size(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"mini_batch_size must be a positive int, got {value!r}")
+    return value
+
+
+class CachedIBKDDistillationLoss(_GradCacheMixin, IBKDDistillationLoss):
+    def __init__(self, model: nn.Module, teacher_dim: int, *, mini_batch_size: int = 32, **kwargs: Any) -> None:
+        """
+        :class:`IBKDDistillationLoss` with GradCache: the batch is embedded in mini-batches of
+        ``mini_batch_size`` without a graph, the IBKD objective is computed on the whole batch, and on
+        backward each mini-batch is embedded again with a graph and receives its cached gradient. Memory
+        no longer grows with the batch size (only the embeddings do), so the contrastive batch can be as
+        large as the teacher cache allows; the gradients equal the uncached loss's. Dropout masks are
+        replayed (the RNG state of each mini-batch is kept).
+
+        Args:
+            model: the student SentenceTransformer.
+            teacher_dim: dimension of the teacher vectors in the label column.
+            mini_batch_size: rows embedded at once (memory vs speed; no effect on the result).
+            **kwargs: as :class:`IBKDDistillationLoss`.
+
+        References:
+            - Text Representation Distillation via Information Bottleneck Principle (EMNLP 2023):
+              https://arxiv.org/abs/2311.05472
+            - Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup (GradCache):
+              https://arxiv.org/abs/2101.06983
+
+        Inputs: as :class:`IBKDDistillationLoss`.
+
+        Example:
+            ::
+
+                loss = CachedIBKDDistillationLoss(student, teacher_dim=768, mini_batch_size=64)
+                args = SentenceTransformerTrainingArguments("out", per_device_train_batch_size=4096)
+                SentenceTransformerTrainer(model=student, args=args, train_dataset=train_dataset, loss=loss).train()
+        """
+        super().__init__(model, teacher_dim, **kwargs)
+        self.mini_batch_size = _check_mini_batch_size(mini_batch_size)
+        self._config["mini_batch_size"] = mini_batch_size
+
+
+class CachedIBKDSupervisedLoss(_GradCacheMixin, IBKDSupervisedLoss):
+    def __init__(self, model: nn.Module, *, mini_batch_size: int = 32, **kwargs: Any) -> None:
+        """
+        :class:`IBKDSupervisedLoss` with GradCache (see :class:`CachedIBKDDistillationLoss`): any batch
+        size at the memory of one mini-batch, gradients equal to the uncached loss's.
+
+        Args:
+            model: the SentenceTransformer to fine-tune.
+            mini_batch_size: rows embedded at once.
+            **kwargs: as :class:`IBKDSupervisedLoss`.
+
+        References:
+            - Text Representation Distillation via Information Bottleneck Principle (EMNLP 2023):
+              https://arxiv.org/abs/2311.05472
+            - Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup (GradCache):
+              https://arxiv.org/abs/2101.06983
+
+        Inputs: as :class:`IBKDSupervisedLoss`.
+        """
+        super().__init__(model, **kwargs)
+        self.mini_batch_size = _check_mini_batch_size(mini_batch_size)
+        self._config["mini_batch_size"] = mini_batch_size
+
+    def _embed_column(self, chunk: dict[str, Tensor], index: int) -> tuple[Tensor, Optional[Tensor]]:
+        return self.embed(chunk, anchor=index == 0)
