@@ -14,8 +14,10 @@ import torch
 import ibkd
 
 
-def run(backend: str, student, teacher, inputs, loss_fn):
-    loss_fn.infonce.backend = loss_fn.hsic.backend = backend
+def run(backend: str, student, teacher, inputs, dims):
+    torch.manual_seed(1)  # the same P for every backend
+    # a fixed beta: with beta="auto" each loss would calibrate its own beta on its first calls
+    loss_fn = ibkd.IBKDLoss(*dims, beta=50.0, backend=backend)
     student = student.detach().requires_grad_()
     start = time.perf_counter()
     out = loss_fn(student, teacher, inputs)
@@ -37,10 +39,9 @@ def main():
     student = torch.randn(args.batch, args.student_dim)
     teacher = torch.randn(args.batch, args.teacher_dim)
     inputs = torch.randn(args.batch, args.student_dim)  # the student's input representation x
-    loss_fn = ibkd.IBKDLoss(args.student_dim, args.teacher_dim, **ibkd.losses.STAGE1_DEFAULTS)
-
-    fast, g_fast, t_fast = run(args.backend, student, teacher, inputs, loss_fn)
-    ref, g_ref, t_ref = run("reference", student, teacher, inputs, loss_fn)
+    dims = (args.student_dim, args.teacher_dim)
+    fast, g_fast, t_fast = run(args.backend, student, teacher, inputs, dims)
+    ref, g_ref, t_ref = run("reference", student, teacher, inputs, dims)
     for name, out, t in (("reference", ref, t_ref), (args.backend, fast, t_fast)):
         print(
             f"{name:10s} loss={out['loss'].item():.6f} infonce={out['infonce'].item():.6f} "

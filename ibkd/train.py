@@ -40,7 +40,7 @@ from torch import nn
 
 from . import losses as ibkd_losses
 from ._io import atomic_write, fsync_dir
-from .losses.distributed import world as dist_info
+from .losses import rank_and_world_size as dist_info
 from .data import DataError, LabeledData, read_labeled, read_sentences, stsb_sentences
 from .models import Encoder, autocast_context, build_student
 
@@ -171,7 +171,7 @@ class TrainConfig:
         need(self.lr > 0, "lr must be positive")
         if self.beta is not None:
             try:
-                ibkd_losses.auto_beta.check_beta(self.beta)
+                ibkd_losses.check_beta(self.beta)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         if self.grad_cache_chunk is not None:

@@ -20,7 +20,8 @@ stage      τ       β         γ       HSIC inputs             projection P
 :data:`PAPER_STAGE1` / :data:`PAPER_STAGE2`; its β values are inert at the scale of these kernels.
 """
 
-from .auto_beta import DEFAULT_CALIBRATION_STEPS, DEFAULT_TARGET_RATIO
+from .auto_beta import DEFAULT_CALIBRATION_STEPS, DEFAULT_TARGET_RATIO, check_beta
+from .distributed import world as rank_and_world_size
 from .distillation import DISTILL_METHODS, IBKDLoss
 from .hsic import HSICLoss
 from .infonce import InfoNCELoss
@@ -43,6 +44,8 @@ __all__ = [
     "PAPER_STAGE1",
     "PAPER_STAGE2",
     "STAGE1_DEFAULTS",
+    "check_beta",
+    "rank_and_world_size",
     "STAGE2_DEFAULTS",
     "SUPERVISED_METHODS",
     "SupervisedIBKDLoss",
