@@ -3,6 +3,7 @@ results file (time and peak extra memory per case), optionally into a marked REA
 
     python benchmarks/render.py                      # writes results/RESULTS.md and results/<id>.png
     python benchmarks/render.py --readme README.md   # also replaces <!-- bench:start --> … <!-- bench:end -->
+                                                     # (protocol runs only; --readme may be repeated)
     python benchmarks/render.py --print              # prints the Markdown
 """
 
@@ -40,14 +41,145 @@ def _size_label(c):
     return f"B=N={c['size']}" if c["op"] == "infonce" else f"n={c['size']}"
 
 
-def load_results(results_dir: str) -> list[tuple[str, dict]]:
+def load_results(results_dir: str, protocol_only: bool = False) -> list[tuple[str, dict]]:
+    """Results files of a folder: protocol runs (benchmarks/protocol.py) and pytest-benchmark suite
+    runs; noisy protocol runs are never rendered."""
     docs = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        if path.endswith("-noisy.json"):
+            continue
         with open(path) as f:
             doc = json.load(f)
-        if isinstance(doc, dict) and "cases" in doc and "machine" in doc:
-            docs.append((path, doc))
+        if not (isinstance(doc, dict) and "cases" in doc and "machine" in doc):
+            continue
+        if protocol_only and not is_protocol(doc):
+            continue
+        docs.append((path, doc))
     return docs
+
+
+def is_protocol(doc: dict) -> bool:
+    return str(doc.get("schema", "")).startswith("protocol")
+
+
+# ---------------------------------------------------------------------------- protocol runs
+
+PEER_ORDER = ["eager", "compile", "gradcache", "fused"]
+
+
+def _case_label(c: dict) -> str:
+    return f"{c['op']} {'B=N' if c['op'] == 'infonce' else 'n'}={c['size']}, D={c['dim']}, {c['dtype']}"
+
+
+def _pct(x):
+    return "—" if x is None else f"{100 * x:.0f}%"
+
+
+def protocol_markdown(doc: dict, stem: str, image_prefix: str) -> str:
+    start = (doc["ceiling"].get("start") or {}).get("gflops") or {}
+    end = (doc["ceiling"].get("end") or {}).get("gflops") or {}
+    moved = doc.get("ceiling_moved") or {}
+    names = {"sgemm_mkl": "float32 torch.mm (MKL)", "sgemm_kernel_tile_gemm": "float32 kernel tile GEMM (oneDNN)",
+             "bf16_gemm_torch": "bf16 torch.mm (oneDNN)"}
+    out = [f"### CPU protocol run: `{stem}`", ""]
+    out.append(f"Machine: {machine_line(doc)}; {doc['threads']} threads; run {doc.get('started_at')} → "
+               f"{doc.get('finished_at')}; {'**noisy**' if doc.get('noisy') else 'ceiling stable'}.")
+    out.append("")
+    out.append("GEMM ceiling at 4096×384 @ 384×4096 (GFLOP/s, start → end, moved): " + "; ".join(
+        f"{names.get(k, k)} {start[k]:.0f} → {end.get(k, float('nan')):.0f} ({_pct(moved.get(k))})" for k in start))
+    out.append("")
+    if doc.get("targets"):
+        out += ["Targets (issue 14; fp32: default wait policy, the lead must also hold under PASSIVE):", "",
+                "| case | fused vs | target | default | PASSIVE | result | memory fused/eager | target | result |",
+                "|---|---|---:|---:|---:|---|---:|---:|---|"]
+        for t in doc["targets"]:
+            verdict = "not measured" if t.get("time_pass") is None else "**pass**" if t["time_pass"] else "**FAIL**"
+            mem_t = f"≤ {t['max_mem_ratio']:.2f}×" if "max_mem_ratio" in t else ""
+            mem_v = "" if "max_mem_ratio" not in t else "not measured" if t.get("mem_ratio") is None else (
+                "**pass**" if t.get("mem_pass") else "**FAIL**")
+            label = f"{t['op']} {'B=N' if t['op'] == 'infonce' else 'n'}={t['size']}, {t['dtype']}"
+            out.append(f"| {label} | {t['vs']} | ≤ {t['max_time_ratio']:.2f}× | {_fmt_ratio(t.get('time_ratio_default'))} "
+                       f"| {_fmt_ratio(t.get('time_ratio_PASSIVE'))} | {verdict} | {_fmt_ratio(t.get('mem_ratio'))} "
+                       f"| {mem_t} | {mem_v} |")
+        out.append("")
+    out += ["| case | OMP wait policy | eager | torch.compile (compile time) | GradCache | fused | fused/eager "
+            "| fused/compile | fused/GradCache | fused GFLOP/s | share of kernel GEMM ceiling | share of MKL sgemm |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in doc["cases"]:
+        for policy, s in (c.get("summary") or {}).items():
+            med = s["median_s"]
+            comp = f"{_fmt_time(med.get('compile'))} ({_fmt_time(s.get('compile_s'))})" if "compile" in med else "—"
+            vs = s["fused_vs"]
+            out.append(
+                f"| {_case_label(c)} | {policy} | {_fmt_time(med.get('eager'))} | {comp} | {_fmt_time(med.get('gradcache'))} "
+                f"| {_fmt_time(med.get('fused'))} | {_fmt_ratio(vs.get('eager'))} | {_fmt_ratio(vs.get('compile'))} "
+                f"| {_fmt_ratio(vs.get('gradcache'))} | {s['fused_gflops']:.0f} | {_pct(s['share_of_kernel_gemm_ceiling'])} "
+                f"| {_pct(s['share_of_mkl_sgemm_ceiling'])} |")
+    out.append("")
+    out += ["Peak extra memory of one call (after warm-up; default policy):", "",
+            "| case | eager | torch.compile | GradCache | fused | fused/eager |", "|---|---:|---:|---:|---:|---:|"]
+    for c in doc["cases"]:
+        m = {k: v.get("extra_bytes") for k, v in (c.get("memory") or {}).items() if "error" not in v}
+        if not m:
+            continue
+        out.append(f"| {_case_label(c)} | {_fmt_bytes(m.get('eager'))} | {_fmt_bytes(m.get('compile'))} "
+                   f"| {_fmt_bytes(m.get('gradcache'))} | {_fmt_bytes(m.get('fused'))} "
+                   f"| {_fmt_ratio((c.get('memory_vs_eager') or {}).get('fused'))} |")
+    out.append("")
+    cross = doc.get("crossover_summary") or {}
+    if cross:
+        parts = []
+        for op, v in cross.items():
+            pts = ", ".join(f"{s}: {r:.2f}×" for s, r in v["ratios_fused_over_eager"])
+            parts.append(f"{op}: fused faster from size {v['fused_faster_from_size']} (fused/eager by size: {pts})")
+        out += ["Crossover (fp32, default policy; `backend=\"auto\"` uses the reference below it): " + "; ".join(parts), ""]
+    out += [f"![{stem}]({image_prefix}{stem}.png)", ""]
+    out.append("Protocol (benchmarks/README.md): each case and wait policy in a fresh process; every peer warmed up, "
+               "then rounds that call every peer once in a rotating order; medians over rounds. Memory: one fresh "
+               "process per case and peer, peak RSS of one call above the RSS before it, after a warm-up call. "
+               "Ceiling: GEMM rates measured at the start and end of the run; a run whose ceiling moved by more "
+               "than 20% is marked noisy and not rendered. GFLOP/s count the fused kernels' GEMM FLOPs as they "
+               "perform them (InfoNCE 6·B·N·D; HSIC per tile pair of the upper triangle).")
+    return "\n".join(out) + "\n"
+
+
+def protocol_plot(doc: dict, png_path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [c for c in doc["cases"] if (c.get("summary") or {}).get("default")]
+    if not cases:
+        return
+    peers = [p for p in PEER_ORDER if any(p in c["summary"]["default"]["median_s"] for c in cases)]
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 1.6 * len(cases) + 2), 8), sharex=True)
+    width = 0.8 / len(peers)
+    for i, p in enumerate(peers):
+        xs = [j + (i - (len(peers) - 1) / 2) * width for j in range(len(cases))]
+        times = [c["summary"]["default"]["median_s"].get(p, 0) for c in cases]
+        mems = [((c.get("memory") or {}).get(p) or {}).get("extra_bytes", 0) / 2**20 for c in cases]
+        axes[0].bar(xs, times, width, label=p)
+        axes[1].bar(xs, mems, width, label=p)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("median time, fwd+bwd (s), log")
+    axes[1].set_yscale("symlog", linthresh=1)
+    axes[1].set_ylabel("peak extra memory (MiB)")
+    axes[1].set_xticks(range(len(cases)))
+    axes[1].set_xticklabels([_case_label(c).replace(", ", "\n", 1) for c in cases], fontsize=8)
+    axes[0].legend()
+    axes[0].set_title(f"ibkd CPU protocol — {machine_line(doc)}, {doc['threads']} threads, default OMP wait policy",
+                      fontsize=9)
+    for ax in axes:
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+PENDING = ("_The CPU numbers await a run of the benchmark protocol on a quiet machine "
+           "(`python benchmarks/protocol.py --publish`, see benchmarks/README.md); earlier numbers were "
+           "measured on a loaded machine and were removed._\n")
 
 
 def machine_line(doc: dict) -> str:
@@ -144,14 +276,20 @@ def plot(doc: dict, png_path: str) -> None:
     plt.close(fig)
 
 
-def render(results_dir: str, image_prefix: str = "") -> str:
+def render(results_dir: str, image_prefix: str = "", protocol_only: bool = False) -> str:
     """The Markdown for every results file; images are referenced as ``image_prefix + <stem>.png``."""
-    docs = load_results(results_dir)
+    docs = load_results(results_dir, protocol_only)
     if not docs:
-        return "_No benchmark results yet: run `pytest benchmarks/`._\n"
+        return PENDING if protocol_only else "_No benchmark results yet: run `python benchmarks/protocol.py`._\n"
     out = []
+    legacy = False
     for path, doc in docs:
         stem = os.path.splitext(os.path.basename(path))[0]
+        if is_protocol(doc):
+            protocol_plot(doc, os.path.join(results_dir, stem + ".png"))
+            out.append(protocol_markdown(doc, stem, image_prefix))
+            continue
+        legacy = True
         plot(doc, os.path.join(results_dir, stem + ".png"))
         out.append(f"### {doc['kind'].upper()}: `{stem}`\n")
         out.append(f"Machine: {machine_line(doc)}. Written {doc.get('written_at')}.")
@@ -166,7 +304,9 @@ def render(results_dir: str, image_prefix: str = "") -> str:
         if extra:
             out += [extra, ""]
         out += [f"![{stem}]({image_prefix}{stem}.png)", ""]
-    out.append("Time: median over the timed rounds (CPU: `time.perf_counter` via pytest-benchmark; "
+    if not legacy:
+        return "\n".join(out) + "\n"
+    out.append("pytest-benchmark suite: time: median over the timed rounds (CPU: `time.perf_counter` via pytest-benchmark; "
                "GPU: CUDA events via `triton.testing.do_bench`). Peak extra memory: CPU, peak RSS (`VmHWM`) of a "
                "child that runs the call minus that of a child that only builds the inputs; GPU, "
                "`torch.cuda.max_memory_allocated` above the allocation before the call. "
@@ -192,7 +332,8 @@ def replace_section(readme_path: str, body: str) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default=os.path.join(HERE, "results"), help="folder of results JSON files")
-    p.add_argument("--readme", help="also replace the marked bench section of this Markdown file")
+    p.add_argument("--readme", action="append", default=[],
+                   help="also replace the marked bench section of this Markdown file (repeatable)")
     p.add_argument("--print", action="store_true", help="print the Markdown")
     args = p.parse_args(argv)
     body = render(args.results)
@@ -200,10 +341,11 @@ def main(argv=None):
     with open(out_md, "w") as f:
         f.write("# ibkd benchmark results\n\nGenerated by `python benchmarks/render.py` from the JSON files here.\n\n" + body)
     print(f"wrote {out_md}", file=sys.stderr)
-    if args.readme:
-        prefix = os.path.relpath(args.results, os.path.dirname(os.path.abspath(args.readme))) + "/"
-        replace_section(args.readme, render(args.results, image_prefix=prefix))
-        print(f"updated {args.readme}", file=sys.stderr)
+    for readme in args.readme:
+        prefix = os.path.relpath(args.results, os.path.dirname(os.path.abspath(readme))) + "/"
+        # the READMEs show protocol runs only (interleaved, ceiling-checked), never suite runs
+        replace_section(readme, render(args.results, image_prefix=prefix, protocol_only=True))
+        print(f"updated {readme}", file=sys.stderr)
     if args.print:
         print(body)
 
