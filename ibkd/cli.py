@@ -24,7 +24,7 @@ FLAGS = {
     "method": str, "batch_size": int, "lr": float, "epochs": float, "max_steps": int, "eval_steps": int,
     "grad_accum": int, "grad_cache_chunk": int, "max_length": int, "data_dir": str, "dev": str, "test": str,
     "cache_dir": str, "teacher_embeddings": str, "pca_dim": int, "num_threads": int, "save_steps": int,
-    "temperature": float, "beta": float, "projection_dim": int, "nan_policy": str, "pooling": str,
+    "temperature": float, "beta": "beta_value", "projection_dim": int, "nan_policy": str, "pooling": str,
 }
 
 
@@ -37,6 +37,16 @@ EXTRA_COMMANDS = (
 
 class UsageError(Exception):
     pass
+
+
+def beta_value(text: str):
+    """``--beta``: a number (exactly that β) or ``auto`` (calibrated from the gradient ratio, then frozen)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 # --config NAME: the YAML configs shipped with the package (configs/ of the repository, installed as ibkd.configs)
@@ -102,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML file of TrainConfig fields")
         for flag, typ in FLAGS.items():
-            p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, default=None)
+            p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=beta_value if typ == "beta_value" else typ,
+                           default=None)
         p.add_argument("--resume", action="store_true", default=None, help="continue from <output>/checkpoint-last.pt")
         p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field (YAML value)")
