@@ -428,6 +428,12 @@ class _GradCacheMixin:
 
     mini_batch_size: int
 
+    def _set_mini_batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"mini_batch_size must be a positive int, got {value!r}")
+        self.mini_batch_size = value
+        self._config["mini_batch_size"] = value
+
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
         features = list(sentence_features)
         self._check_inputs(features, labels)
@@ -487,12 +493,6 @@ def _unwrap_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _check_mini_batch_size(value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"mini_batch_size must be a positive int, got {value!r}")
-    return value
-
-
 class CachedIBKDDistillationLoss(_GradCacheMixin, IBKDDistillationLoss):
     def __init__(self, model: nn.Module, teacher_dim: int, *, mini_batch_size: int = 32, **kwargs: Any) -> None:
         """
@@ -525,8 +525,7 @@ class CachedIBKDDistillationLoss(_GradCacheMixin, IBKDDistillationLoss):
                 SentenceTransformerTrainer(model=student, args=args, train_dataset=train_dataset, loss=loss).train()
         """
         super().__init__(model, teacher_dim, **kwargs)
-        self.mini_batch_size = _check_mini_batch_size(mini_batch_size)
-        self._config["mini_batch_size"] = mini_batch_size
+        self._set_mini_batch_size(mini_batch_size)
 
 
 class CachedIBKDSupervisedLoss(_GradCacheMixin, IBKDSupervisedLoss):
@@ -549,8 +548,7 @@ class CachedIBKDSupervisedLoss(_GradCacheMixin, IBKDSupervisedLoss):
         Inputs: as :class:`IBKDSupervisedLoss`.
         """
         super().__init__(model, **kwargs)
-        self.mini_batch_size = _check_mini_batch_size(mini_batch_size)
-        self._config["mini_batch_size"] = mini_batch_size
+        self._set_mini_batch_size(mini_batch_size)
 
     def _embed_column(self, chunk: dict[str, Tensor], index: int) -> tuple[Tensor, Optional[Tensor]]:
         return self.embed(chunk, anchor=index == 0)
