@@ -62,8 +62,25 @@ HsicInputs prepare(const char* fn, const Tensor& x, const Tensor& z, const Tenso
     const Tensor g = gammas.detach().to(at::kDouble).reshape({2});
     in.gx = g[0].item<double>();
     in.gz = g[1].item<double>();
-    in.sqx = in.x.pow(2).sum(1);
-    in.sqz = in.z.pow(2).sum(1);
+    if (acc == at::kFloat) {  // both squared norms in one parallel region, accumulated in double
+      in.sqx = at::empty({in.n}, in.x.options());
+      in.sqz = at::empty({in.n}, in.x.options());
+      const float *xp = in.x.data_ptr<float>(), *zp = in.z.data_ptr<float>();
+      float *sx = in.sqx.data_ptr<float>(), *sz = in.sqz.data_ptr<float>();
+      const int64_t dx = in.x.size(1), dz = in.z.size(1);
+      at::parallel_for(0, in.n, 256, [&](int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) {
+          double a = 0, b = 0;
+          for (int64_t d = 0; d < dx; ++d) a += (double)xp[i * dx + d] * xp[i * dx + d];
+          for (int64_t d = 0; d < dz; ++d) b += (double)zp[i * dz + d] * zp[i * dz + d];
+          sx[i] = (float)a;
+          sz[i] = (float)b;
+        }
+      });
+    } else {
+      in.sqx = in.x.pow(2).sum(1);
+      in.sqz = in.z.pow(2).sum(1);
+    }
   }
   return in;
 }
@@ -281,29 +298,37 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
     }
   });
 
-  Tensor wx, vz;
-  std::vector<double> wrow(rbf ? n : 0, 0.0), vrow(rbf ? n : 0, 0.0);
-  for (auto& s : slots) {  // in chunk order: deterministic
-    if (!s.wx.defined()) continue;
-    if (!wx.defined()) {
-      wx = s.wx;
-      vz = s.vz;
-    } else {
-      wx.add_(s.wx);
-      vz.add_(s.vz);
-    }
-    for (int64_t i = 0; i < (int64_t)s.wrow.size(); ++i) {
-      wrow[i] += s.wrow[i];
-      vrow[i] += s.vrow[i];
-    }
+  // The merge in one parallel region (rows split across threads): per row, the slots' partial
+  // sums in chunk order (deterministic), then dx_i = 2γ(Σ W X − x_i·Σ W1) for RBF.
+  std::vector<const Slot*> used;
+  for (const auto& s : slots) {
+    if (s.wx.defined()) used.push_back(&s);
   }
-  if (rbf) {  // dx = −2γ (diag(W1) X − W X)
-    Tensor tw = at::empty({n}, opts.dtype(at::kDouble)), tv = at::empty({n}, opts.dtype(at::kDouble));
-    std::copy(wrow.begin(), wrow.end(), tw.data_ptr<double>());
-    std::copy(vrow.begin(), vrow.end(), tv.data_ptr<double>());
-    wx.sub_(in.x * tw.to(at::kFloat).unsqueeze(1)).mul_(2.0 * in.gx);
-    vz.sub_(in.z * tv.to(at::kFloat).unsqueeze(1)).mul_(2.0 * in.gz);
-  }
+  Tensor wx = at::empty({n, dx}, opts), vz = at::empty({n, dz}, opts);
+  float *wxp = wx.data_ptr<float>(), *vzp = vz.data_ptr<float>();
+  const float *xp = in.x.data_ptr<float>(), *zp = in.z.data_ptr<float>();
+  const float cx = static_cast<float>(2.0 * in.gx), cz = static_cast<float>(2.0 * in.gz);
+  auto merge_rows = [&](float* out, int64_t width, Tensor Slot::*acc, std::vector<double> Slot::*row,
+                        const float* a, float scale, int64_t r0, int64_t r1) {
+    for (int64_t i = r0; i < r1; ++i) {
+      float* o = out + i * width;
+      const float* first = (used[0]->*acc).data_ptr<float>() + i * width;
+      std::copy(first, first + width, o);
+      for (size_t u = 1; u < used.size(); ++u) {
+        const float* p = (used[u]->*acc).data_ptr<float>() + i * width;
+        for (int64_t d = 0; d < width; ++d) o[d] += p[d];
+      }
+      if (!rbf) continue;
+      double r = 0;
+      for (const Slot* sl : used) r += (sl->*row)[i];
+      const float rf = static_cast<float>(r);
+      for (int64_t d = 0; d < width; ++d) o[d] = scale * (o[d] - a[i * width + d] * rf);
+    }
+  };
+  at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
+    merge_rows(wxp, dx, &Slot::wx, &Slot::wrow, xp, cx, r0, r1);
+    merge_rows(vzp, dz, &Slot::vz, &Slot::vrow, zp, cz, r0, r1);
+  });
   return {wx.to(in.dtype), vz.to(in.dtype)};
 }
 }  // namespace
