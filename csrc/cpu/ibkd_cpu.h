@@ -27,7 +27,7 @@ struct Tuning {
   // InfoNCE: most rows per row block (the logits tile is rows × min(N, max_tile_cols)); the row
   // count is further capped so that one tile holds at most infonce_tile_kib KiB (see row_block).
   int64_t infonce_block_rows = 256;
-  int64_t infonce_tile_kib = 8192;
+  int64_t infonce_tile_kib = 16384;
   // InfoNCE: widest logits tile; wider rows are processed in column chunks (online log-sum-exp),
   // and the fused forward+backward then falls back to a forward pass plus a backward pass.
   int64_t infonce_max_tile_cols = 32768;

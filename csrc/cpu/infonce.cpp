@@ -67,9 +67,11 @@ InfoNCEInputs prepare(const char* fn, const Tensor& q, const Tensor& k, const Te
 }
 
 // Rows per block: at most Tuning::infonce_block_rows, at most as many as keep one rows × cols tile
-// within Tuning::infonce_tile_kib (the tile is swept several times per block: it should stay in the
-// last-level cache, shared by the workers), and a multiple-of-workers block count so every worker
-// gets the same number of rows.
+// within Tuning::infonce_tile_kib, and a multiple-of-workers block count so every worker gets the
+// same number of rows. More rows make the dK GEMM's inner dimension larger (its N×D accumulator is
+// read and written once per block): at N = 16384, 256 rows (16 MiB tile) ran 7.6 % faster than 128
+// (8 MiB) in one thread. The tile need not stay in the L3: each GEMM streams it once and the
+// epilogue works row by row in L2, ~1 GB/s of DRAM traffic per worker.
 int64_t row_block(int64_t B, int64_t cols, int64_t elem_size) {
   const int64_t workers = std::max<int64_t>(
       1, std::min<int64_t>((int64_t)at::get_num_threads(), tuning().max_accumulators));
