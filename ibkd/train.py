@@ -47,7 +47,10 @@ from .models import Encoder, autocast_context, build_student
 log = logging.getLogger("ibkd.train")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA_DIR = (REPO_ROOT / ".." / "shared" / "data").resolve()
+#: the data folder: $IBKD_DATA_DIR when set (an installed copy has no repository beside it), else the shared
+#: folder next to the checkout; --data-dir / data_dir overrides either
+DEFAULT_DATA_DIR = (Path(os.environ["IBKD_DATA_DIR"]).expanduser() if os.environ.get("IBKD_DATA_DIR")
+                    else REPO_ROOT / ".." / "shared" / "data").resolve()
 METHODS = ("ibkd", "contrastive", "mse", "none")
 STAGES = ("distill", "finetune")
 CHECKPOINT_NAME = "checkpoint-last.pt"

@@ -202,3 +202,14 @@ def test_the_cli_trains_with_the_library_loss_and_its_defaults():
     with pytest.raises(ConfigError, match="beta must be a non-negative number or 'auto'"):
         TrainConfig.from_dict({"beta": "sometimes"})
     assert build_loss(TrainConfig.from_dict({"beta": 3}), 16, 16).beta.current() == 3.0
+
+
+def test_data_dir_comes_from_ibkd_data_dir(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "from ibkd.train import TrainConfig; print(TrainConfig().data_dir)"
+    env = {**os.environ, "IBKD_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == str(tmp_path.resolve())
