@@ -344,13 +344,20 @@ def _log(msg: str) -> None:
     print(f"[{stamp}] {msg}", file=sys.stderr, flush=True)
 
 
-def run_protocol(quick: bool, threads: int, policies: list[str], out_path: str, skip_memory=False) -> dict:
+def run_protocol(quick: bool, threads: int, policies: list[str], out_path: str, skip_memory=False,
+                 rounds=None, only=None) -> dict:
+    """The whole protocol; ``rounds`` overrides every case's round count and ``only`` keeps the cases
+    whose key contains that text (both for rehearsals: such a run is marked and never published)."""
     sys.path.insert(0, HERE)
-    import torch
-
     import bench_common as bc
 
     main_cases, crossover_cases = quick_plan() if quick else full_plan()
+    if rounds:
+        main_cases = [dict(c, rounds=rounds) for c in main_cases]
+        crossover_cases = [dict(c, rounds=rounds) for c in crossover_cases]
+    if only:
+        main_cases = [c for c in main_cases if only in case_key(c)]
+        crossover_cases = [c for c in crossover_cases if only in case_key(c)]
     doc = {
         "schema": "protocol-1", "quick": quick, "threads": threads, "policies": policies,
         "machine": bc.machine_info("cpu"), "started_at": _now(), "settings": {
@@ -358,6 +365,7 @@ def run_protocol(quick: bool, threads: int, policies: list[str], out_path: str, 
             "normalize": True, "mode": "forward+backward (both inputs require grad)",
             "gradcache_mini_batch": GRADCACHE_MINI_BATCH, "noise_limit": NOISE_LIMIT},
         "ceiling": {}, "cases": [], "crossover": [], "load": {"start": _load_snapshot()},
+        "rehearsal": bool(rounds or only or skip_memory or policies != ["default", "PASSIVE"]),
     }
 
     def save():
@@ -497,6 +505,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--policies", default="default,PASSIVE")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--rounds", type=int, help="override the rounds of every case (rehearsal)")
+    ap.add_argument("--only", help="only the cases whose key contains this text (rehearsal)")
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -512,8 +522,11 @@ def main(argv=None) -> int:
         render.main(readmes if args.publish else [])
         return 0
     tmp_path = results_path(args.quick) + ".running"
-    doc = run_protocol(args.quick, args.threads, args.policies.split(","), tmp_path, args.skip_memory)
+    doc = run_protocol(args.quick, args.threads, args.policies.split(","), tmp_path, args.skip_memory,
+                       args.rounds, args.only)
     final = results_path(args.quick, noisy=doc["noisy"])
+    if doc["rehearsal"]:  # never published, never overwrites a real run
+        final = final.replace(".json", "-rehearsal.json")
     os.replace(tmp_path, final)
     _log(f"results: {os.path.relpath(final, ROOT)}; ceiling moved {doc['ceiling_moved']}; noisy={doc['noisy']}")
     for t in doc["targets"]:
@@ -521,6 +534,9 @@ def main(argv=None) -> int:
     if doc["noisy"]:
         _log("NOISY run (ceiling moved > 20%): not rendered; re-run on a quiet machine")
         return 3
+    if doc["rehearsal"]:
+        _log("rehearsal (rounds/only/skip-memory/policies overridden): not rendered")
+        return 0
     if args.publish and not args.quick:
         render.main(readmes)
     elif args.quick:

@@ -46,7 +46,7 @@ def load_results(results_dir: str, protocol_only: bool = False) -> list[tuple[st
     runs; noisy protocol runs are never rendered."""
     docs = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
-        if path.endswith("-noisy.json"):
+        if path.endswith("-noisy.json") or path.endswith("-rehearsal.json"):
             continue
         with open(path) as f:
             doc = json.load(f)
