@@ -31,8 +31,11 @@ struct Tuning {
   // InfoNCE: widest logits tile; wider rows are processed in column chunks (online log-sum-exp),
   // and the fused forward+backward then falls back to a forward pass plus a backward pass.
   int64_t infonce_max_tile_cols = 32768;
-  // HSIC: side of the square Gram tiles.
-  int64_t hsic_block = 256;
+  // HSIC: side of the square Gram tiles. 512 ran as fast as 256 in one thread, and makes 4× fewer
+  // tile GEMM calls: under the default (spinning) OpenMP wait policy on a machine where another
+  // process holds a core, each call cost ~10 ms of waiting (a lock inside the GEMM library shared by
+  // the two workers; measured 0.50 / 3.0 / 15 s for 3 / 36 / 136 tile pairs at n = 2048).
+  int64_t hsic_block = 512;
   // Upper bound on the number of parallel workers that keep their own gradient accumulator
   // (O(N·D) each); more threads than this share the work in fewer, larger chunks.
   int64_t max_accumulators = 16;
