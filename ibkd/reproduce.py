@@ -1076,6 +1076,8 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
             f"(row compute {_duration(doc.get('compute_seconds'))}, including rows reused from an earlier invocation). "
             f"Encode throughput: the better of the STS-B dev and test passes (batch "
             f"{s.get('eval_batch_size') or 128}, tokenization included) on a shared machine; compare it within a run."]
+    if env.get("note"):  # an annotation of the run (e.g. other load on the machine), kept in the results JSON
+        out += ["", f"Note: {env['note']}"]
     return "\n".join(out) + "\n"
 
 
