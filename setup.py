@@ -212,10 +212,10 @@ def main():
     ext_modules, cmdclass = _extensions()
     setup(
         version=_version(),
-        # kernels/ and configs/ live at the top of the repository and install as ibkd.kernels and
+        # configs/ lives at the top of the repository and installs as
         # ibkd.configs (the shipped YAML configs: `ibkd distill --config main-minilm-2layer`).
-        packages=find_packages(include=["ibkd", "ibkd.*"]) + ["ibkd.kernels", "ibkd.configs"],
-        package_dir={"ibkd.kernels": "kernels", "ibkd.configs": "configs"},
+        packages=find_packages(include=["ibkd", "ibkd.*"]) + ["ibkd.configs"],
+        package_dir={"ibkd.configs": "configs"},
         package_data={"ibkd.configs": ["*.yaml"]},
         ext_modules=ext_modules,
         cmdclass=cmdclass,

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from ibkd._machine import cpu_name
+from ibkd.experiments._machine import cpu_name
 
 QUICK = os.environ.get("IBKD_BENCH_QUICK", "0").lower() in ("1", "true", "yes", "on")
 TEMPERATURE = 0.05

@@ -85,8 +85,8 @@ def run_hf(model_dir: str, out: Path, batch: int):
 
 
 def run_cli(model_dir: str, out: Path, batch: int):
-    from ibkd.models import Encoder, build_student
-    from ibkd.train import DistillData, TrainConfig, Trainer, build_loss, setup_distributed
+    from ibkd.distill.models import Encoder, build_student
+    from ibkd.distill.trainer import DistillData, TrainConfig, Trainer, build_loss, setup_distributed
 
     _, world = rank_world()
     cfg = TrainConfig(output=str(out / "cli"), batch_size=batch * world, max_steps=STEPS, lr=1e-2,

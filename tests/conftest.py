@@ -11,6 +11,10 @@ except Exception:  # pragma: no cover
 if not _has_cuda:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The data folder (STS-B, the wiki corpus) is never guessed by the package: tests take it from
+# $IBKD_DATA_DIR, defaulting to the shared folder beside the checkout as CI lays it out.
+os.environ.setdefault("IBKD_DATA_DIR", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")))
+
 import pytest  # noqa: E402
 
 

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from ibkd.cli import main
-from ibkd.models import make_tiny_bert
+from ibkd.distill.cli import main
+from ibkd.distill.models import make_tiny_bert
 
 WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
 

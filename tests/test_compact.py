@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ibkd.compact import (FACTORIZED_KEYS, bert_parameter_count, build_compact_student, factorize_student,
+from ibkd.distill.compact import (FACTORIZED_KEYS, bert_parameter_count, build_compact_student, factorize_student,
                           load_compact_table, lstsq_up_projection, parameter_table, pca_table)
-from ibkd.compact_modeling import CompactBertConfig, CompactBertModel
-from ibkd.evaluation import count_parameters
-from ibkd.embedding import save_small_table
-from ibkd.models import Encoder, make_tiny_bert, subset_layers
-from ibkd.train import CHECKPOINT_NAME, ConfigError, TrainConfig, build_run, run
+from ibkd.distill.compact_modeling import CompactBertConfig, CompactBertModel
+from ibkd.distill.evaluation import count_parameters
+from ibkd.experiments.embedding import save_small_table
+from ibkd.distill.models import Encoder, make_tiny_bert, subset_layers
+from ibkd.distill.trainer import CHECKPOINT_NAME, ConfigError, TrainConfig, build_run, run
 
 SENTS = ["a man plays the guitar", "the dog runs", "two people eat bread in the park .", "red"]
 
@@ -38,7 +38,7 @@ def random_table(vocab_size, d_small, seed=0):
 
 
 def write_table_folder(folder, table, tokenizer=None, **meta):
-    """A table folder written by A1's ``ibkd.embedding.save_small_table``."""
+    """A table folder written by A1's ``ibkd.experiments.embedding.save_small_table``."""
     return save_small_table(folder, table, tokenizer, {"method": "test", **meta})
 
 

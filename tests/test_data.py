@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ibkd.data import DataError, corpus_hash, read_labeled, read_sentences, read_stsb, stsb_sentences
+from ibkd.distill.data import DataError, corpus_hash, read_labeled, read_sentences, read_stsb, stsb_sentences
 
 
 def test_txt_skips_and_counts_empty_lines(tmp_path):

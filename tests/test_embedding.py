@@ -1,4 +1,4 @@
-"""Embedding distillation by encoding (ibkd.embedding): tiny tables, a tiny random BERT tokenizer and tiny
+"""Embedding distillation by encoding (ibkd.experiments.embedding): tiny tables, a tiny random BERT tokenizer and tiny
 STS-format files written here (never the shared data or the real teacher)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from ibkd.embedding import (
+from ibkd.experiments.embedding import (
     DirectEmbedding,
     EmbeddingTaskConfig,
     EncodingDistiller,
@@ -32,7 +32,7 @@ from ibkd.embedding import (
     tokenize_pairs,
     train_sts_embedding,
 )
-from ibkd.models import make_tiny_bert
+from ibkd.distill.models import make_tiny_bert
 
 D_BIG = 24  # differs from every other width used here, so a tensor with D_BIG columns can only come from E
 GROUPS = ("man woman child dog cat horse people group", "car road street city house park river sea")

@@ -1,4 +1,4 @@
-"""ibkd.evaluation: metrics against hand-computed values, file parsing edge cases, chunked search."""
+"""ibkd.distill.evaluation: metrics against hand-computed values, file parsing edge cases, chunked search."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from ibkd.models import (Encoder, build_student, fresh_student, make_tiny_bert, parse_layers, pool,
+from ibkd.distill.models import (Encoder, build_student, fresh_student, make_tiny_bert, parse_layers, pool,
                          resolve_model_path, subset_layers)
 
 

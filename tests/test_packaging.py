@@ -84,7 +84,7 @@ def _copy_sources(dst: Path) -> Path:
         shutil.copy(ROOT / name, dst / name)
     (dst / "ibkd").mkdir()
     shutil.copy(ROOT / "ibkd" / "__init__.py", dst / "ibkd" / "__init__.py")
-    for folder in ("csrc", "kernels", "configs"):
+    for folder in ("csrc", "configs"):
         shutil.copytree(ROOT / folder, dst / folder, ignore=shutil.ignore_patterns("__pycache__"))
     return dst
 
@@ -137,7 +137,7 @@ def test_sdist_has_every_source_header_kernel_and_config(tmp_path):
     with tarfile.open(tmp_path / r.stdout.strip().splitlines()[-1]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     wanted = [p for p in (ROOT / "csrc").rglob("*") if p.is_file()]
-    wanted += list((ROOT / "kernels").glob("*.py")) + list((ROOT / "configs").glob("*.yaml"))
+    wanted += list((ROOT / "ibkd" / "kernels").glob("*.py")) + list((ROOT / "configs").glob("*.yaml"))
     wanted += [ROOT / "setup.py", ROOT / "pyproject.toml", ROOT / "MANIFEST.in", ROOT / "README.md"]
     missing = sorted(str(p.relative_to(ROOT)) for p in wanted if str(p.relative_to(ROOT)) not in names)
     assert not missing, f"missing from the sdist: {missing}"

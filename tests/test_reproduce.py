@@ -1,5 +1,5 @@
 """``ibkd reproduce`` end to end on a tiny random BERT, a tiny corpus and tiny STS-B-format files: the
-same code path as the real run (every row through ``ibkd.train.run``), never the shared data or the real
+same code path as the real run (every row through ``ibkd.distill.trainer.run``), never the shared data or the real
 teacher."""
 
 import argparse
@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from ibkd import reproduce
-from ibkd.models import make_tiny_bert
+from ibkd.distill.models import make_tiny_bert
 
 WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
 SEEDS = [1, 2, 3]
@@ -221,9 +221,9 @@ def test_rerun_skips_finished_rows_even_after_moving_the_folder(reproduced, monk
     shutil.copytree(root / "out", moved)
 
     def no_training(cfg):
-        raise AssertionError(f"row retrained: {cfg.output}")
+        raise AssertionError(f"row retrained: {cfg.output_dir}")
 
-    monkeypatch.setattr("ibkd.train.run", no_training)
+    monkeypatch.setattr("ibkd.distill.trainer.run", no_training)
     code, out, err = cli(["--config", config, "--output", str(moved), "--results", str(root / "rerun.json"),
                           "--readme", "none", "--no-progress"])
     assert code == 0, err
@@ -242,10 +242,10 @@ def test_changed_settings_rerun_only_the_rows_they_touch(reproduced, monkeypatch
     (work / "mse-s2" / "result.json").unlink()  # as if the run had crashed in this row
     changed = {**spec, "finetune": {**spec["finetune"], "lr": 5e-5}}
     config = write_config(root, changed, "changed.yaml")
-    import ibkd.train
+    import ibkd.distill.trainer
 
-    ran, real_run = [], ibkd.train.run
-    monkeypatch.setattr("ibkd.train.run", lambda cfg: ran.append(cfg.output.split("/")[-1]) or real_run(cfg))
+    ran, real_run = [], ibkd.distill.trainer.run
+    monkeypatch.setattr("ibkd.distill.trainer.run", lambda cfg: ran.append(cfg.output_dir.split("/")[-1]) or real_run(cfg))
     code, _, err = cli(["--config", config, "--output", str(work), "--results", str(root / "changed.json"),
                         "--readme", "none", "--no-progress"])
     assert code == 0, err
@@ -279,7 +279,7 @@ def test_bad_config_is_a_clear_error_before_any_training(workspace, monkeypatch,
     bad = json.loads(json.dumps(spec))
     bad["output"] = str(root / "bad-out")
     mutate(bad)
-    monkeypatch.setattr("ibkd.train.run", lambda cfg: pytest.fail("trained despite a bad config"))
+    monkeypatch.setattr("ibkd.distill.trainer.run", lambda cfg: pytest.fail("trained despite a bad config"))
     code, _, err = cli(["--config", write_config(root, bad, "bad.yaml"), "--readme", "none", "--no-progress"])
     assert code == 2
     assert message in err and err.startswith("ibkd: error:") and "Traceback" not in err
@@ -301,10 +301,10 @@ def test_rows_option_runs_only_the_requested_groups(workspace, monkeypatch):
     only = json.loads(json.dumps(spec))
     only["output"] = str(root / "rows-out")
     ran = []
-    import ibkd.train
+    import ibkd.distill.trainer
 
-    real_run = ibkd.train.run
-    monkeypatch.setattr("ibkd.train.run", lambda cfg: ran.append(cfg.output.split("/")[-1]) or real_run(cfg))
+    real_run = ibkd.distill.trainer.run
+    monkeypatch.setattr("ibkd.distill.trainer.run", lambda cfg: ran.append(cfg.output_dir.split("/")[-1]) or real_run(cfg))
     code, out, err = cli(["--config", write_config(root, only, "rows.yaml"), "--rows", "none,mse",
                           "--results", str(root / "rows.json"), "--readme", "none", "--no-progress"])
     assert code == 0, err
@@ -350,25 +350,25 @@ def test_interrupted_row_resumes_from_its_checkpoint(workspace, monkeypatch):
     config = write_config(root, crash, "crash.yaml")
     argv = ["--config", config, "--rows", "mse", "--results", str(root / "crash.json"), "--readme", "none",
             "--no-progress"]
-    import ibkd.train
+    import ibkd.distill.trainer
 
-    real_step = ibkd.train.Trainer.train_step
+    real_step = ibkd.distill.trainer.Trainer.train_step
 
     def crash_at_second_step(self):
         if self.step == 1:
             raise RuntimeError("simulated crash")
         return real_step(self)
 
-    monkeypatch.setattr(ibkd.train.Trainer, "train_step", crash_at_second_step)
+    monkeypatch.setattr(ibkd.distill.trainer.Trainer, "train_step", crash_at_second_step)
     code, _, err = cli(argv)  # every mse row fails at its second step; the command reports it and goes on
     assert code == 1 and "row(s) failed: mse-s1, mse-s2, mse-s3" in err and "simulated crash" in err
     failed = json.loads((root / "crash.json").read_text())
     assert {r["name"]: r["status"] for r in failed["rows"]}["mse-s1"] == "failed"
     assert (root / "crash-out" / "mse-s1" / "checkpoint-last.pt").is_file()
     assert not (root / "crash-out" / "mse-s1" / "result.json").exists()
-    monkeypatch.setattr(ibkd.train.Trainer, "train_step", real_step)
-    resumed, real_run = [], ibkd.train.run
-    monkeypatch.setattr("ibkd.train.run", lambda cfg: resumed.append((cfg.output.split("/")[-1], cfg.resume)) or real_run(cfg))
+    monkeypatch.setattr(ibkd.distill.trainer.Trainer, "train_step", real_step)
+    resumed, real_run = [], ibkd.distill.trainer.run
+    monkeypatch.setattr("ibkd.distill.trainer.run", lambda cfg: resumed.append((cfg.output_dir.split("/")[-1], cfg.resume)) or real_run(cfg))
     code, _, err = cli(argv)
     assert code == 0, err
     assert resumed == [("mse-s1", True), ("mse-s2", True), ("mse-s3", True)]

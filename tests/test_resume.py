@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from ibkd.models import make_tiny_bert
+from ibkd.distill.models import make_tiny_bert
 
 WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
 

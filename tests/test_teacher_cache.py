@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from ibkd.data import DataError
-from ibkd.models import Encoder, make_tiny_bert
-from ibkd.teacher_cache import build_teacher_cache, load_teacher_matrix, pca
+from ibkd.distill.data import DataError
+from ibkd.distill.models import Encoder, make_tiny_bert
+from ibkd.distill.teacher_cache import build_teacher_cache, load_teacher_matrix, pca
 
 SENTS = [f"the {w} runs in the park" for w in "man woman child dog cat horse".split()] + ["a red car", "big tree"]
 

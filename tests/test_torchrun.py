@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from ibkd.models import make_tiny_bert
+    from ibkd.distill.models import make_tiny_bert
 
     return str(make_tiny_bert(tmp_path_factory.mktemp("torchrun") / "bert", num_layers=3, hidden_size=16))
 

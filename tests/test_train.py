@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ibkd.data import DataError, LabeledData
-from ibkd.models import Encoder, build_student, make_tiny_bert
+from ibkd.distill.data import DataError, LabeledData
+from ibkd.distill.models import Encoder, build_student, make_tiny_bert
 from ibkd.losses import IBKDLoss
-from ibkd.train import (CHECKPOINT_NAME, ConfigError, DistillData, FinetuneData, NonFiniteLossError, TrainConfig, Trainer,
+from ibkd.distill.trainer import (CHECKPOINT_NAME, ConfigError, DistillData, FinetuneData, NonFiniteLossError, TrainConfig, Trainer,
                         build_loss)
 
 WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
@@ -209,7 +209,7 @@ def test_data_dir_comes_from_ibkd_data_dir(tmp_path):
     import subprocess
     import sys
 
-    code = "from ibkd.train import TrainConfig; print(TrainConfig().data_dir)"
+    code = "from ibkd.distill.trainer import TrainConfig; print(TrainConfig().data_dir)"
     env = {**os.environ, "IBKD_DATA_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
     assert out.stdout.strip() == str(tmp_path.resolve())

@@ -38,168 +38,20 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import losses as ibkd_losses
+from .. import losses as ibkd_losses
 from ._io import atomic_write, fsync_dir
-from .losses import rank_and_world_size as dist_info
+from ..losses import rank_and_world_size as dist_info
 from .data import DataError, LabeledData, read_labeled, read_sentences, stsb_sentences
+from .config import METHODS, STAGES, ConfigError, TrainConfig
 from .models import Encoder, autocast_context, build_student
 
-log = logging.getLogger("ibkd.train")
+log = logging.getLogger("ibkd.distill.trainer")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-#: the data folder: $IBKD_DATA_DIR when set (an installed copy has no repository beside it), else the shared
-#: folder next to the checkout; --data-dir / data_dir overrides either
-DEFAULT_DATA_DIR = (Path(os.environ["IBKD_DATA_DIR"]).expanduser() if os.environ.get("IBKD_DATA_DIR")
-                    else REPO_ROOT / ".." / "shared" / "data").resolve()
-METHODS = ("ibkd", "contrastive", "mse", "none")
-STAGES = ("distill", "finetune")
 CHECKPOINT_NAME = "checkpoint-last.pt"
-
-
-class ConfigError(ValueError):
-    """A bad configuration (reported by the CLI as one line)."""
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/Inf; names the step and the component."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run needs; YAML keys and CLI flags map onto these fields one to one.
-
-    Loss hyper-parameters left as None take the paper defaults of the stage
-    (:data:`ibkd.losses.STAGE1_DEFAULTS`, :data:`ibkd.losses.STAGE2_DEFAULTS`).
-    Paths may use ``{data_dir}`` (default: ``../shared/data`` next to the repository).
-    """
-
-    stage: str = "distill"
-    method: str = "ibkd"
-    # models
-    teacher: Optional[str] = "default"
-    student: Optional[str] = None
-    student_layers: Any = None
-    fresh_student: Optional[dict] = None
-    compact_embeddings: Optional[str] = None  # table folder (ibkd.embedding.save_small_table): factorized student
-    pooling: Optional[str] = None
-    normalize: Optional[bool] = None
-    max_length: int = 128
-    # data
-    data_dir: str = str(DEFAULT_DATA_DIR)
-    corpus: Optional[str] = "{data_dir}/wiki/wiki_sentences.txt"
-    corpus_column: Optional[str] = None
-    corpus_limit: Optional[int] = None
-    extra_stsb_sentences: Optional[str] = None
-    train_file: Optional[str] = None
-    min_score: Optional[float] = None
-    teacher_embeddings: Optional[str] = None
-    cache_dir: Optional[str] = None
-    pca_dim: Optional[int] = None
-    teacher_batch_size: int = 128
-    # loss (ibkd.losses.IBKDLoss / SupervisedIBKDLoss; None = the stage's default from ibkd.losses)
-    temperature: Optional[float] = None
-    beta: Any = None  # a number, or "auto": aim the HSIC/InfoNCE gradient ratio at beta_target_ratio, then freeze
-    beta_target_ratio: float = ibkd_losses.DEFAULT_TARGET_RATIO
-    beta_calibration_steps: int = ibkd_losses.DEFAULT_CALIBRATION_STEPS
-    gamma: Any = None
-    projection_dim: Optional[int] = None
-    hsic_layer: Any = None
-    normalize_hsic_inputs: bool = True
-    projection_init: str = "identity"  # P starts at the identity when its dims match; else "random"
-    gather_across_devices: Optional[bool] = None  # torchrun: every rank's rows in the loss (None: on under DDP)
-    # optimisation
-    batch_size: int = 256
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    epochs: float = 1.0
-    max_steps: Optional[int] = None
-    grad_accum: int = 1
-    grad_cache_chunk: Optional[int] = None
-    max_grad_norm: Optional[float] = None
-    amp: str = "off"
-    # runtime
-    device: str = "auto"
-    backend: str = "auto"
-    seed: int = 42
-    num_threads: Optional[int] = None
-    output: str = "runs/ibkd"
-    resume: bool = False
-    save_steps: int = 100
-    eval_steps: Optional[int] = None
-    dev: Optional[str] = "{data_dir}/sts/stsbenchmark/sts-dev.csv"
-    test: Optional[str] = "{data_dir}/sts/stsbenchmark/sts-test.csv"
-    eval_batch_size: int = 128
-    log_every: int = 1
-    nan_policy: str = "stop"
-    max_nan_skips: int = 10
-    progress: bool = True
-    plot: bool = True
-    step_delay_s: float = 0.0  # sleep after each step: lets tests interrupt a run at a known point
-
-    # -- construction/validation ---------------------------------------------------------------
-    #: renamed keys still accepted in configs: old name -> new name
-    RENAMED = {"hsic_normalize": "normalize_hsic_inputs"}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        values = dict(values)
-        for old, new in cls.RENAMED.items():
-            if old in values:
-                if new in values:
-                    raise ConfigError(f"{old} is the old name of {new}: give only {new}")
-                values[new] = values.pop(old)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        def need(cond, msg):
-            if not cond:
-                raise ConfigError(msg)
-
-        need(self.stage in STAGES, f"stage must be one of {STAGES}, got {self.stage!r}")
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(not (self.stage == "finetune" and self.method == "mse"), "method 'mse' needs teacher vectors (stage distill)")
-        need(self.amp in ("bf16", "fp16", "off"), f"amp must be bf16, fp16 or off, got {self.amp!r}")
-        need(self.projection_init in ("identity", "random"), f"projection_init must be identity or random, got {self.projection_init!r}")
-        need(self.nan_policy in ("stop", "skip"), f"nan_policy must be stop or skip, got {self.nan_policy!r}")
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "log_every", "teacher_batch_size"):
-            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive int")
-        need(self.batch_size >= 2, "batch_size must be at least 2 (in-batch negatives)")
-        need(self.lr > 0, "lr must be positive")
-        if self.beta is not None:
-            try:
-                ibkd_losses.check_beta(self.beta)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        if self.grad_cache_chunk is not None:
-            need(isinstance(self.grad_cache_chunk, int) and self.grad_cache_chunk > 0, "grad_cache_chunk must be a positive int")
-        if self.compact_embeddings:
-            need(self.student_layers not in (None, "") and not self.student and not self.fresh_student,
-                 "compact_embeddings needs student_layers (the teacher layers the compact student keeps), "
-                 "not student or fresh_student")
-
-    def resolve_path(self, value: Optional[str]) -> Optional[str]:
-        if value is None:
-            return None
-        return str(Path(os.path.expanduser(str(value).replace("{data_dir}", str(self.data_dir)))))
-
-    def stage_defaults(self) -> dict:
-        base = ibkd_losses.STAGE1_DEFAULTS if self.stage == "distill" else ibkd_losses.STAGE2_DEFAULTS
-        out = dict(temperature=base["temperature"], beta=base["beta"], gamma=base["gamma"],
-                   projection_dim=base.get("projection_dim"),
-                   hsic_layer=0 if self.stage == "distill" else "penultimate")
-        for key in out:
-            if getattr(self, key) is not None:
-                out[key] = getattr(self, key)
-        if self.method == "contrastive":
-            out["beta"] = 0.0
-        return out
 
 
 # -- the objective ---------------------------------------------------------------------------------
@@ -274,7 +126,7 @@ class FinetuneData:
 # -- evaluation ------------------------------------------------------------------------------------
 
 def sts_spearman(encoder: Encoder, path: str, batch_size: int = 128, device=None) -> float:
-    """Spearman ×100 of cosine similarity on an STS-B file (:func:`ibkd.evaluation.evaluate_sts`)."""
+    """Spearman ×100 of cosine similarity on an STS-B file (:func:`ibkd.distill.evaluation.evaluate_sts`)."""
     from .evaluation import evaluate_sts
 
     if device is not None:
@@ -346,23 +198,23 @@ class Trainer:
         defaults = cfg.stage_defaults()
         self.hsic_layer = defaults["hsic_layer"]
         self.needs_inputs = loss.uses_inputs
-        self.output = Path(cfg.output)
+        self.output = Path(cfg.output_dir)
         self.params = [p for p in list(student.parameters()) + list(loss.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
         self.step = 0
         self.epoch, self.position = 0, 0
         self.best_metric, self.best_step = None, None
         self.nan_skips = 0
         if data is not None and cfg.method != "none":
-            if cfg.batch_size % self.world:
-                raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.world}")
-            self.batches = BatchSource(len(data), cfg.batch_size, cfg.seed)
-            steps_per_epoch = self.batches.batches_per_epoch // cfg.grad_accum
+            if cfg.per_device_train_batch_size % self.world:
+                raise ConfigError(f"batch_size {cfg.per_device_train_batch_size} must be divisible by the world size {self.world}")
+            self.batches = BatchSource(len(data), cfg.per_device_train_batch_size, cfg.seed)
+            steps_per_epoch = self.batches.batches_per_epoch // cfg.gradient_accumulation_steps
             if steps_per_epoch < 1:
-                raise DataError(f"one optimizer step needs {cfg.grad_accum} batches of {cfg.batch_size}; "
+                raise DataError(f"one optimizer step needs {cfg.gradient_accumulation_steps} batches of {cfg.per_device_train_batch_size}; "
                                 f"the training set has {len(data)} examples")
-            self.total_steps = int(cfg.max_steps or max(1, math.floor(cfg.epochs * steps_per_epoch)))
+            self.total_steps = int(cfg.max_steps or max(1, math.floor(cfg.num_train_epochs * steps_per_epoch)))
         else:
             self.total_steps = 0
         warmup = int(cfg.warmup_ratio * self.total_steps)
@@ -487,20 +339,20 @@ class Trainer:
         cfg = self.cfg
         self.optimizer.zero_grad(set_to_none=True)
         agg = StepResult()
-        for _ in range(cfg.grad_accum):
+        for _ in range(cfg.gradient_accumulation_steps):
             if self.position >= self.batches.batches_per_epoch:
                 self.epoch, self.position = self.epoch + 1, 0
             groups, teacher = self.data.batch(self.batches.indices(self.epoch, self.position))
             self.position += 1
-            res = self.forward_backward(groups, teacher, loss_scale=1.0 / cfg.grad_accum)
+            res = self.forward_backward(groups, teacher, loss_scale=1.0 / cfg.gradient_accumulation_steps)
             if res.skipped:
                 self.optimizer.zero_grad(set_to_none=True)
                 return res
             for k, v in res.terms.items():
-                agg.terms[k] = agg.terms.get(k, 0.0) + v / cfg.grad_accum
+                agg.terms[k] = agg.terms.get(k, 0.0) + v / cfg.gradient_accumulation_steps
             for k, v in res.grad_norms.items():
-                agg.grad_norms[k] = agg.grad_norms.get(k, 0.0) + v / cfg.grad_accum
-            agg.loss += res.loss / cfg.grad_accum
+                agg.grad_norms[k] = agg.grad_norms.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+            agg.loss += res.loss / cfg.gradient_accumulation_steps
             agg.beta = res.beta
         self.sync_grads()
         self.scaler.unscale_(self.optimizer)
@@ -545,7 +397,7 @@ class Trainer:
     def evaluate(self, path: Optional[str]) -> Optional[float]:
         if not path:
             return None
-        return sts_spearman(self.student, path, batch_size=self.cfg.eval_batch_size, device=self.device)
+        return sts_spearman(self.student, path, batch_size=self.cfg.per_device_eval_batch_size, device=self.device)
 
     def fit(self) -> dict:
         cfg = self.cfg
@@ -560,7 +412,7 @@ class Trainer:
                 log_path.write_text("".join(l + "\n" for l in kept))
         elif self.rank == 0 and log_path.exists():
             log_path.unlink()
-        dev_path, sentences_per_step = cfg.resolve_path(cfg.dev), cfg.batch_size * cfg.grad_accum * self.groups
+        dev_path, sentences_per_step = cfg.resolve_path(cfg.dev), cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.groups
         bar = None
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -591,7 +443,7 @@ class Trainer:
                             export_student(self.student, self.loss, self.output / "best")
                     self._barrier()
                     self.student.train()
-                if log_file is not None and (self.step % cfg.log_every == 0 or evaluated):
+                if log_file is not None and (self.step % cfg.logging_steps == 0 or evaluated):
                     log_file.write(json.dumps(record) + "\n")
                     log_file.flush()
                 if self.step % cfg.save_steps == 0 or self.step == self.total_steps:
@@ -674,7 +526,7 @@ def setup_distributed(cfg: TrainConfig) -> torch.device:
 
 def _compact_student(student: Encoder, teacher: Encoder, folder: str) -> Encoder:
     """The layer-subset ``student`` with its word embeddings factorized through the table in ``folder``
-    (up-projection fitted by least squares; :mod:`ibkd.compact`)."""
+    (up-projection fitted by least squares; :mod:`ibkd.distill.compact`)."""
     from .compact import factorize_student, load_compact_table
 
     try:
@@ -721,8 +573,8 @@ def build_run(cfg: TrainConfig, device=None) -> Trainer:
         if rank == 0:
             log.info("corpus: %s; %d sentences in total", stats, len(sentences))
         if cfg.method != "none":
-            if len(sentences) < cfg.batch_size:
-                raise DataError(f"the corpus has {len(sentences)} sentences, fewer than one batch of {cfg.batch_size}")
+            if len(sentences) < cfg.per_device_train_batch_size:
+                raise DataError(f"the corpus has {len(sentences)} sentences, fewer than one batch of {cfg.per_device_train_batch_size}")
             if cfg.teacher_embeddings:
                 matrix = load_teacher_matrix(cfg.resolve_path(cfg.teacher_embeddings), len(sentences))
                 if cfg.pca_dim:
@@ -730,7 +582,7 @@ def build_run(cfg: TrainConfig, device=None) -> Trainer:
 
                     matrix = pca(matrix, cfg.pca_dim)
             else:
-                cache_dir = cfg.resolve_path(cfg.cache_dir) or str(Path(cfg.output) / "teacher_cache")
+                cache_dir = cfg.resolve_path(cfg.cache_dir) or str(Path(cfg.output_dir) / "teacher_cache")
                 if rank == 0:
                     matrix = build_teacher_cache(teacher, sentences, cache_dir, batch_size=cfg.teacher_batch_size,
                                                  device=device, progress=cfg.progress, pca_dim=cfg.pca_dim)
@@ -763,18 +615,18 @@ def run(cfg: TrainConfig) -> dict:
     summary = trainer.fit() if cfg.method != "none" else {"steps": 0}
     rank, _ = dist_info()
     if rank == 0:
-        best = Path(cfg.output) / "best"
+        best = Path(cfg.output_dir) / "best"
         if cfg.method == "none":
-            export_student(trainer.student, trainer.loss, Path(cfg.output) / "final")
+            export_student(trainer.student, trainer.loss, Path(cfg.output_dir) / "final")
         elif summary.get("best_step") is not None and best.exists():
             trainer.student = Encoder.load(str(best))
             trainer.student.to(trainer.device)
-        summary["student"] = str(best if summary.get("best_step") is not None else Path(cfg.output) / "final")
+        summary["student"] = str(best if summary.get("best_step") is not None else Path(cfg.output_dir) / "final")
         for split in ("dev", "test"):
             path = cfg.resolve_path(getattr(cfg, split))
             if path and Path(path).exists():
                 summary[f"{split}_spearman"] = trainer.evaluate(path)
-        with open(Path(cfg.output) / "summary.json", "w") as f:
+        with open(Path(cfg.output_dir) / "summary.json", "w") as f:
             json.dump(summary, f, indent=1)
     if dist.is_initialized():
         dist.barrier()

@@ -2,11 +2,11 @@
 
 The ``V x hidden`` word-embedding matrix is most of a small BERT's parameters (all-MiniLM-L6-v2: 11.7M of
 22.7M). The compact student replaces it by a small ``V x d_small`` table (from embedding distillation by
-encoding, :mod:`ibkd.embedding`) followed by ``Linear(d_small -> hidden)``
-(:class:`ibkd.compact_modeling.CompactBertModel`); position/token-type embeddings, the embedding LayerNorm
+encoding, :mod:`ibkd.experiments.embedding`) followed by ``Linear(d_small -> hidden)``
+(:class:`ibkd.distill.compact_modeling.CompactBertModel`); position/token-type embeddings, the embedding LayerNorm
 and the chosen transformer layers are copied from the teacher. The up-projection starts at the least-squares
 fit ``[T 1] [W^T; b] ~ E`` of the teacher's word-embedding matrix E, so the student starts close to the plain
-layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in :class:`ibkd.train.TrainConfig`).
+layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in :class:`ibkd.distill.trainer.TrainConfig`).
 
 * :func:`build_compact_student` / :func:`factorize_student` — build it (from the teacher, or from an already
   built layer-subset student).
@@ -15,7 +15,7 @@ layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in
   directions (not embedding distillation; with it the lstsq start is the best rank-d fit of E).
 * :func:`load_compact_table` — read and check a table folder against a tokenizer.
 * :func:`bert_parameter_count` (closed form), :func:`parameter_table` (counts of built models:
-  :func:`ibkd.evaluation.count_parameters`).
+  :func:`ibkd.distill.evaluation.count_parameters`).
 
 Size: with all-MiniLM-L6-v2 (V 30522, hidden 384) and layers {0, 5}, the compact student has
 ``30906 d + 3,747,456`` parameters: d = 96 → 6.71M (29.6% of the teacher's 22.71M), d = 128 → 7.70M; the
@@ -26,7 +26,7 @@ Loading an exported compact student (``Encoder.save``/``ibkd distill`` output: `
 sentence-transformers files): in a process without ibkd, ``transformers.AutoModel.from_pretrained(folder,
 trust_remote_code=True)`` or ``sentence_transformers.SentenceTransformer(folder, trust_remote_code=True)``
 (the copied ``compact_modeling.py`` needs only torch and transformers); with ibkd, ``Encoder.load(folder)``, or
-those two without ``trust_remote_code`` once ``ibkd.compact_modeling`` has been imported.
+those two without ``trust_remote_code`` once ``ibkd.distill.compact_modeling`` has been imported.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .compact_modeling import CompactBertConfig, CompactBertModel, register_auto_classes
-from .embedding import load_small_table
+from ..experiments.embedding import load_small_table
 from .evaluation import count_parameters
 from .models import Encoder, subset_layers
 
 UP_INITS = ("lstsq", "random")
 FACTORIZED_KEYS = ("embeddings.word_embeddings.table.weight", "embeddings.word_embeddings.up.weight",
                    "embeddings.word_embeddings.up.bias")
-TABLE_FILE = "table.safetensors"  # written by ibkd.embedding.save_small_table
+TABLE_FILE = "table.safetensors"  # written by ibkd.experiments.embedding.save_small_table
 
 register_auto_classes()
 
@@ -53,7 +53,7 @@ register_auto_classes()
 
 def load_compact_table(folder: Union[str, Path], tokenizer=None, *, vocab_size: Optional[int] = None
                        ) -> tuple[torch.Tensor, dict]:
-    """The ``V x d_small`` table of a folder written by ``ibkd.embedding.save_small_table`` and its meta.
+    """The ``V x d_small`` table of a folder written by ``ibkd.experiments.embedding.save_small_table`` and its meta.
 
     With ``tokenizer`` (the teacher's), checks that the table has one row per token id of the model
     (``vocab_size``, the rows of its word-embedding matrix; default ``len(tokenizer)``) and, when the folder
@@ -64,7 +64,7 @@ def load_compact_table(folder: Union[str, Path], tokenizer=None, *, vocab_size: 
         raise FileNotFoundError(f"compact_embeddings folder {folder} does not exist")
     if not (folder / TABLE_FILE).is_file():
         raise FileNotFoundError(f"compact_embeddings folder {folder} has no {TABLE_FILE} "
-                                "(write it with ibkd.embedding.save_small_table)")
+                                "(write it with ibkd.experiments.embedding.save_small_table)")
     table, meta = load_small_table(folder)  # DataError (a ValueError) on an inconsistent folder
     if table.dim() != 2 or not table.is_floating_point():
         raise ValueError(f"the table in {folder} must be a 2-D float tensor, got {tuple(table.shape)} {table.dtype}")

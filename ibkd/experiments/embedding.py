@@ -62,8 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._machine import cpu_name
-from .data import DataError, read_stsb
-from .evaluation import spearman
+from ..distill.data import DataError, read_stsb
+from ..distill.evaluation import spearman
 
 PathLike = Union[str, Path]
 
@@ -440,7 +440,7 @@ def _fit(arm: _Arm, head: TaskHead, data: _Prepared, cfg: EmbeddingTaskConfig,
     """Adam on arm + head; dev Spearman after every epoch; restores the best epoch (ties: the earliest).
     Test is never looked at here."""
     params = [p for p in list(arm.parameters()) + list(head.parameters()) if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    optimizer = torch.optim.Adam(params, lr=cfg.learning_rate)
     order_rng = torch.Generator().manual_seed(int(cfg.seed))
     train = data.train
     n = len(train)
@@ -448,13 +448,13 @@ def _fit(arm: _Arm, head: TaskHead, data: _Prepared, cfg: EmbeddingTaskConfig,
     init_dev = _spearman100(_split_cosines(arm, head, data.dev), data.dev.gold)
     best = (-math.inf, 0, arm.snapshot(), copy.deepcopy(head.state_dict()))
     curve, losses = [], []
-    for epoch in range(1, cfg.epochs + 1):
+    for epoch in range(1, cfg.num_train_epochs + 1):
         arm.train()
         head.train()
         permutation = torch.randperm(n, generator=order_rng).to(train.ids.device)
         total, count = 0.0, 0
-        for start in range(0, n, cfg.batch_size):
-            index = permutation[start:start + cfg.batch_size]
+        for start in range(0, n, cfg.per_device_train_batch_size):
+            index = permutation[start:start + cfg.per_device_train_batch_size]
             if index.numel() < 2:  # a 1-pair tail batch (n = 1 mod batch_size) adds noise and nothing else
                 continue
             ids, mask = _batches(train.ids, train.mask, index)
@@ -508,7 +508,7 @@ def _train_frozen_teacher(big_table: torch.Tensor, data: _Prepared, cfg: Embeddi
         with torch.no_grad():
             train_cos = _split_cosines(arm, head, data.train)
             test = _spearman100(_split_cosines(arm, head, data.test), data.test.gold)
-    return {**fit, "test_spearman": test, "train_cosines": train_cos, "lr": cfg.lr,
+    return {**fit, "test_spearman": test, "train_cosines": train_cos, "lr": cfg.learning_rate,
             "train_seconds": time.perf_counter() - start}
 
 
@@ -525,7 +525,7 @@ def _train_prepared(big_table: torch.Tensor, data: _Prepared, cfg: EmbeddingTask
         with torch.no_grad():
             test = _spearman100(_split_cosines(arm, head, data.test), data.test.gold)
         table = arm.final_table().detach().cpu()
-    return {"method": cfg.method, "d_small": cfg.d_small, "seed": int(cfg.seed), "lr": float(cfg.lr),
+    return {"method": cfg.method, "d_small": cfg.d_small, "seed": int(cfg.seed), "lr": float(cfg.learning_rate),
             "dev_spearman": fit["dev_spearman"], "test_spearman": test, "best_epoch": fit["best_epoch"],
             "train_seconds": train_seconds, "table": table,
             "task_head": {k: v.detach().cpu().clone() for k, v in head.state_dict().items()},
@@ -689,7 +689,7 @@ def evaluate_small_table(folder: PathLike, path: PathLike) -> float:
 def load_teacher_table(teacher_spec: str):
     """``(tokenizer, word-embedding table (V x d_big, float32), name)`` of a teacher: a folder, a hub id or
     ``"default"`` (the offline all-MiniLM-L6-v2)."""
-    from .models import Encoder
+    from ..distill.models import Encoder
 
     encoder = Encoder.load(teacher_spec)
     table = encoder.model.get_input_embeddings().weight.detach().float().clone()
@@ -701,7 +701,7 @@ def stsb_paths(data_dir: Optional[PathLike] = None, train: Optional[PathLike] = 
     """The STS-B train/dev/test files: explicit paths win, else ``<data_dir>/sts/stsbenchmark/``
     (``data_dir`` defaults to ``../shared/data`` next to the repository). Missing files are an error
     naming the argument."""
-    from .train import DEFAULT_DATA_DIR
+    from ..distill.trainer import DEFAULT_DATA_DIR
 
     root = Path(os.path.expanduser(str(data_dir))) if data_dir else DEFAULT_DATA_DIR
     paths = {}
@@ -975,7 +975,7 @@ def _run(args) -> int:
     meta = {"d_small": cfg.d_small, "activation": cfg.activation, "method": cfg.method, "teacher": teacher_name,
             "vocab_size": int(result["table"].shape[0]), "dev_spearman": result["dev_spearman"],
             "test_spearman": result["test_spearman"], "best_epoch": result["best_epoch"], "lr": result["lr"],
-            "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "task_hidden": cfg.task_hidden,
+            "seed": cfg.seed, "epochs": cfg.num_train_epochs, "batch_size": cfg.per_device_train_batch_size, "task_hidden": cfg.task_hidden,
             "task_activation": cfg.task_activation, "teacher_weight": cfg.teacher_weight,
             "max_length": cfg.max_length, "dev_by_lr": result.get("dev_by_lr"),
             "data": {"train": paths["train"], "dev": paths["dev"], "test": paths["test"]}}

@@ -8,7 +8,7 @@ This file is self-contained on purpose (it imports only torch and transformers):
 copies it into the exported folder as Hugging Face custom code and writes ``auto_map`` into
 ``config.json``, so a process that has never heard of ``ibkd`` loads the folder with
 ``AutoModel.from_pretrained(folder, trust_remote_code=True)`` or
-``SentenceTransformer(folder, trust_remote_code=True)``. Imported as ``ibkd.compact_modeling`` it also
+``SentenceTransformer(folder, trust_remote_code=True)``. Imported as ``ibkd.distill.compact_modeling`` it also
 registers the classes with ``AutoConfig``/``AutoModel``, so inside ``ibkd`` no ``trust_remote_code`` is
 needed.
 """
@@ -103,5 +103,5 @@ def register_auto_classes() -> None:
 
 # Only the package's own copy registers itself; a copy loaded as remote code (module name
 # transformers_modules....) leaves the auto registries alone.
-if __name__ == "ibkd.compact_modeling":
+if __name__ == "ibkd.distill.compact_modeling":
     register_auto_classes()

@@ -2,7 +2,7 @@
 
 Independent of any model class. Every function takes ``model``: either a callable
 ``encode(list[str]) -> (n, d) tensor/array`` or any object with ``.encode(list[str])`` (an
-:class:`ibkd.models.Encoder`, a ``sentence_transformers.SentenceTransformer``, ...), and a
+:class:`ibkd.distill.models.Encoder`, a ``sentence_transformers.SentenceTransformer``, ...), and a
 ``batch_size``: texts are encoded in length-sorted chunks of that size, each distinct text once.
 
 Tasks

@@ -142,7 +142,7 @@ def read_sentences(source, column: Optional[str] = None, limit: Optional[int] = 
 
 def read_stsb(path):
     """STS-B tsv → ``(sents1, sents2, scores)``; quoting disabled, extra trailing fields ignored.
-    One parser serves training and evaluation (:func:`ibkd.evaluation.load_stsb`); its errors come back
+    One parser serves training and evaluation (:func:`ibkd.distill.evaluation.load_stsb`); its errors come back
     here as :class:`DataError`, and sentences are stripped."""
     from .evaluation import load_stsb
 

@@ -1,6 +1,6 @@
 """Command line: ``ibkd distill | finetune | eval | cache-teacher | compress-embeddings | reproduce``.
 
-Settings come from a YAML config (``--config``; keys are the fields of :class:`ibkd.train.TrainConfig`),
+Settings come from a YAML config (``--config``; keys are the fields of :class:`ibkd.distill.trainer.TrainConfig`),
 then flags override them (``--set key=value`` for any field). Bad input — a missing file, an unknown
 key, a bad value — is reported as one line on stderr with exit code 2, never a traceback
 (``IBKD_TRACEBACK=1`` shows it, for debugging).
@@ -100,7 +100,7 @@ def missing_extra_message(command: str, exc: ImportError):
 def _extra_module(name: str):
     import importlib
 
-    return importlib.import_module(f"ibkd.{name}")
+    return importlib.import_module(f"ibkd.experiments.{name}")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -152,7 +152,7 @@ def load_yaml_mapping(path: str, error: type = UsageError) -> dict:
 def build_config(args: argparse.Namespace):
     import yaml
 
-    from .train import TrainConfig
+    from .trainer import TrainConfig
 
     values = load_yaml_mapping(args.config) if args.config else {}
     values.setdefault("stage", "distill" if args.command in ("distill", "cache-teacher") else "finetune")
@@ -183,7 +183,7 @@ def _quiet_libraries() -> None:
 
 
 def _cmd_train(args) -> int:
-    from .train import run
+    from .trainer import run
 
     cfg = build_config(args)
     summary = run(cfg)
@@ -208,7 +208,7 @@ def _cmd_cache(args) -> int:
     sentences, stats = read_sentences(cfg.resolve_path(cfg.corpus), column=cfg.corpus_column, limit=cfg.corpus_limit)
     if cfg.extra_stsb_sentences:
         sentences = list(dict.fromkeys(sentences + stsb_sentences(cfg.resolve_path(cfg.extra_stsb_sentences))))
-    cache_dir = cfg.resolve_path(cfg.cache_dir) or str(Path(cfg.output) / "teacher_cache")
+    cache_dir = cfg.resolve_path(cfg.cache_dir) or str(Path(cfg.output_dir) / "teacher_cache")
     matrix = build_teacher_cache(teacher, sentences, cache_dir, batch_size=cfg.teacher_batch_size,
                                  progress=cfg.progress, pca_dim=cfg.pca_dim)
     print(f"{stats}; teacher embeddings {matrix.shape[0]} x {matrix.shape[1]} in {cache_dir}")
@@ -218,7 +218,7 @@ def _cmd_cache(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluation import count_parameters, evaluate_sts
     from .models import Encoder
-    from .train import DEFAULT_DATA_DIR
+    from .trainer import DEFAULT_DATA_DIR
 
     data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR
     paths = {"dev": args.dev or str(data_dir / "sts/stsbenchmark/sts-dev.csv"),
@@ -240,7 +240,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     from .data import DataError
-    from .train import ConfigError, NonFiniteLossError
+    from .trainer import ConfigError, NonFiniteLossError
 
     try:
         if getattr(args, "config", None):

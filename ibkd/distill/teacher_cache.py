@@ -27,7 +27,7 @@ import torch
 from ._io import atomic_write, atomic_write_text
 from .data import DataError, corpus_hash
 
-log = logging.getLogger("ibkd.teacher_cache")
+log = logging.getLogger("ibkd.distill.teacher_cache")
 
 CACHE_VERSION = 1
 
@@ -72,7 +72,7 @@ def build_teacher_cache(teacher, sentences: Sequence[str], cache_dir, *, batch_s
                         chunk_rows: int = 2048, pca_dim: Optional[int] = None) -> np.ndarray:
     """Teacher embeddings (N × D, float32, memory-mapped read-only) of ``sentences``; built or reused.
 
-    ``teacher`` is an :class:`ibkd.models.Encoder`. The build runs in chunks of ``chunk_rows`` rows and
+    ``teacher`` is an :class:`ibkd.distill.models.Encoder`. The build runs in chunks of ``chunk_rows`` rows and
     records its progress after each, so a rerun after an interruption continues where it stopped.
     """
     if len(sentences) == 0:

@@ -11,13 +11,13 @@ Plan (from a YAML config, see ``configs/reproduce-minilm.yaml``):
    the one with the best STS-B **dev** Spearman is chosen (test is reported, never used to choose);
 4. ``ibkd``: the chosen setting at the other seeds (its first seed is the sweep run itself);
 5. ``finetune``: stage 2 on STS-B train pairs from the chosen IBKD student (first seed);
-6. ``compact``: a small word-embedding table distilled by encoding (:mod:`ibkd.embedding`), then the
+6. ``compact``: a small word-embedding table distilled by encoding (:mod:`ibkd.experiments.embedding`), then the
    chosen IBKD setting on a student whose embeddings are that table + an up-projection;
-7. ``embedding``: :func:`ibkd.embedding.compare_embeddings` (distilled vs direct tables per size);
+7. ``embedding``: :func:`ibkd.experiments.embedding.compare_embeddings` (distilled vs direct tables per size);
 8. ``gpu``: distillation-step time with the fused vs reference losses under bf16 autocast (CUDA only;
    recorded as skipped elsewhere).
 
-Every training row goes through :func:`ibkd.train.run` in this process, in its own folder
+Every training row goes through :func:`ibkd.distill.trainer.run` in this process, in its own folder
 ``<output>/<row>/`` (the student is ``<row>/final``, loadable with ``SentenceTransformer(path)``), with one
 shared teacher cache. Each finished row writes ``result.json`` holding a hash of its settings; a rerun
 skips rows whose hash matches (and continues an interrupted row from its checkpoint), so the command
@@ -46,9 +46,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ._machine import cpu_name
-from .data import DataError
-from ._io import atomic_write_text
-from .train import ConfigError, TrainConfig
+from ..distill.data import DataError
+from ..distill._io import atomic_write_text
+from ..distill.trainer import ConfigError, TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = "configs/reproduce-minilm.yaml"
@@ -121,7 +121,7 @@ def _check_train_keys(where: str, values: Any, *, reserved: set = frozenset()) -
 
 def load_spec(path: str, *, quick: bool = False) -> dict:
     """Read and validate a reproduce config; ``quick`` merges its ``quick:`` section over the rest."""
-    from .cli import load_yaml_mapping
+    from ..distill.cli import load_yaml_mapping
 
     raw = load_yaml_mapping(path, ReproduceError)
     _check_keys(f"{path}", raw, TOP_KEYS)
@@ -368,7 +368,7 @@ def compact_supported() -> bool:
 
 
 def embedding_module():
-    """:mod:`ibkd.embedding` when it is there (it is developed alongside), else None."""
+    """:mod:`ibkd.experiments.embedding` when it is there (it is developed alongside), else None."""
     try:
         from . import embedding
     except ImportError:
@@ -417,7 +417,7 @@ def evaluate_encoder(encoder, sts: dict, batch_size: int) -> dict:
 
     Throughput (sentences per second, tokenization included) is the better of the two passes: the first
     pass also pays one-off warm-up, and on a shared machine the slower pass mostly measures the others."""
-    from .evaluation import evaluate_sts
+    from ..distill.evaluation import evaluate_sts
 
     out, per_split = {}, {}
     for split in ("dev", "test"):
@@ -459,7 +459,7 @@ def curve_stats(curve: dict) -> dict:
 
 
 def _load_student(path: Path, max_length: Optional[int]):
-    from .models import Encoder
+    from ..distill.models import Encoder
 
     return Encoder.load(str(path), max_length=max_length)
 
@@ -472,7 +472,7 @@ def _set_threads(n: Optional[int]) -> None:
 
 
 def run_teacher_row(row: Row, ctx: Context) -> dict:
-    from .models import Encoder
+    from ..distill.models import Encoder
 
     encoder = Encoder.load(teacher_spec(ctx), max_length=row.info["max_length"])
     return {"train_seconds": None, **evaluate_encoder(encoder, ctx.sts, ctx.spec.get("eval_batch_size", 128))}
@@ -487,7 +487,7 @@ def teacher_spec(ctx: Context) -> str:
 
 
 def run_train_row(row: Row, ctx: Context, folder: Path) -> dict:
-    from . import train as train_mod
+    from ..distill import trainer as train_mod
 
     values = {**row.train, "output": str(folder)}
     row_cfg_path, ckpt = folder / ROW_CONFIG_NAME, folder / train_mod.CHECKPOINT_NAME
@@ -506,7 +506,7 @@ def run_train_row(row: Row, ctx: Context, folder: Path) -> dict:
     curve = read_curve(folder / "train_log.jsonl")
     step_seconds = None
     if curve.get("sentences_per_s"):
-        per_step = cfg.batch_size * cfg.grad_accum * (2 if cfg.stage == "finetune" else 1)
+        per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * (2 if cfg.stage == "finetune" else 1)
         step_seconds = sum(per_step / v for v in curve["sentences_per_s"] if v)
     _set_threads(ctx.num_threads)
     student = _load_student(folder / "final", cfg.max_length)
@@ -522,7 +522,7 @@ def run_table_row(row: Row, ctx: Context, folder: Path) -> dict:
     """Train the small word-embedding table (distilled by encoding) on STS-B and save it."""
     import torch
 
-    from .models import Encoder
+    from ..distill.models import Encoder
 
     emb = embedding_module()
     table_cfg = dict(row.info["table"])
@@ -587,7 +587,7 @@ def run_embedding_row(row: Row, ctx: Context, folder: Path) -> dict:
 
 def skip_reason(row: Row) -> Optional[str]:
     if row.kind in ("table", "embedding") and embedding_module() is None:
-        return "ibkd.embedding (embedding distillation by encoding) is not in this tree yet"
+        return "ibkd.experiments.embedding (embedding distillation by encoding) is not in this tree yet"
     if row.kind == "train" and "compact_embeddings" in row.train and not compact_supported():
         return "TrainConfig has no compact_embeddings key (compact factorized student) in this tree yet"
     return None
@@ -657,9 +657,9 @@ def time_distill_steps(teacher_spec: str, layers, batches, *, backends=("referen
     import numpy as np
     import torch
 
-    from .backend.base import resolve_backend
-    from .models import Encoder, build_student
-    from .train import DistillData, Trainer, build_loss
+    from ..backend.base import resolve_backend
+    from ..distill.models import Encoder, build_student
+    from ..distill.trainer import DistillData, Trainer, build_loss
 
     teacher = Encoder.load(teacher_spec, max_length=max_length)
     if not sentences:
@@ -719,7 +719,7 @@ def run_gpu_timing(ctx: Context) -> dict:
         return {"status": "skipped", "reason": "disabled in the config"}
     if not torch.cuda.is_available():
         return {"status": "skipped", "reason": "no CUDA device on this machine (the hook runs where one is)"}
-    from .data import read_sentences
+    from ..distill.data import read_sentences
 
     common = ctx.spec["common"]
     cfg = TrainConfig.from_dict({**common, "output": "unused"})
@@ -1141,7 +1141,7 @@ def render_embedding(doc: dict) -> str:
     if rows and module is not None and hasattr(module, "render_markdown"):
         out += ["Word-embedding tables for STS-B (siamese mean of word vectors → task network): distilled by "
                 "encoding from the teacher's table (Mou et al., 2016) vs trained directly, "
-                "`ibkd.embedding.compare_embeddings` with the budget of the reproduce config.", "",
+                "`ibkd.experiments.embedding.compare_embeddings` with the budget of the reproduce config.", "",
                 module.render_markdown(emb).rstrip("\n")]
     elif rows:
         groups: dict = {}

@@ -1,0 +1,3 @@
+"""Experiments on top of the distillation application: the paper reproduction (``ibkd reproduce``) and the
+word-embedding comparison (``ibkd compress-embeddings``). Neither the library nor the application imports
+this package."""
