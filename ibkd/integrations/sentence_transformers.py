@@ -140,7 +140,7 @@ class _IBKDSentenceLoss(nn.Module):
     def embed(self, column: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """(sentence embedding, x) of one column; x only when the objective needs it."""
         # the trainer switches the model between train and eval, not the loss: β calibrates in training only
-        self.ibkd.distill.trainer(self.model.training)
+        self.ibkd.train(self.model.training)
         if self.ibkd.uses_inputs:
             return embed_with_hidden_layer(self.model, column, self.input_layer)
         return self.model(column)["sentence_embedding"], None
