@@ -1,27 +1,91 @@
-"""Crash-safe file writes: a reader (or a resumed run) sees the old file or the new one, never a torn one."""
+"""Crash-safe file writes: a reader (or a resumed run) sees the old file or the new one, never a torn one.
+
+Writers stage their output beside the target under a name made by :func:`staging_name` (``.<name>.tmp-<pid>``
+for the new content, ``.<name>.old-<pid>`` for the content being replaced). A writer killed mid-way leaves
+such a name behind; :func:`is_leftover` recognises them so that the run folder can clean them up, and the
+pid in the name tells whether the writer is still alive.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
-from typing import Callable, IO
+from typing import IO, Callable, Optional
+
+#: What writers of a run folder leave behind when killed: ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>``
+#: (the writers below), and also the looser ``.tmp-*`` and ``*.old-*`` that other staging code uses.
+_LEFTOVER = re.compile(r"^(?:\.tmp-.*|\..+\.tmp-.*|.+\.old-.*)$")
+_PID_SUFFIX = re.compile(r"-(\d+)$")
+
+
+def staging_name(path, kind: str = "tmp") -> Path:
+    """``path``'s staging sibling for ``kind`` ``"tmp"`` (new content) or ``"old"`` (content being replaced)."""
+    if kind not in ("tmp", "old"):
+        raise ValueError(f"kind must be 'tmp' or 'old', got {kind!r}")
+    path = Path(path)
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
+
+
+def is_leftover(name: str) -> bool:
+    """Whether ``name`` is a staging name (of a live writer, or one left by a killed one)."""
+    return _LEFTOVER.match(name) is not None
+
+
+def writer_pid(name: str) -> Optional[int]:
+    """The pid at the end of a staging name, or None when it carries none."""
+    match = _PID_SUFFIX.search(name)
+    return int(match.group(1)) if match else None
 
 
 def atomic_write(path, write: Callable[[IO], object], mode: str = "wb") -> None:
     """``write(file)`` into a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the
     folder (so the rename itself survives a power cut)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, mode) as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = staging_name(path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # An exception (not a kill) must not leave the staging file behind.
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
 
 
 def atomic_write_text(path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text), mode="w")
+
+
+def atomic_write_dir(folder, fill: Callable[[Path], object]) -> None:
+    """``fill(staging_folder)`` writes the folder's files; every file is fsynced, then the staging folder
+    replaces ``folder`` (the previous content is moved aside first and removed last, so at every instant
+    either the old or the new folder is complete under one of the names)."""
+    folder = Path(folder)
+    tmp, old = staging_name(folder), staging_name(folder, "old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            elif f.is_dir():
+                fsync_dir(f)
+        fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def fsync_dir(folder) -> None:
