@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import IO, Callable, Optional
 
 #: What writers of a run folder leave behind when killed: ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>``
-#: (the writers below), and also the looser ``.tmp-*`` and ``*.old-*`` that other staging code uses.
-_LEFTOVER = re.compile(r"^(?:\.tmp-.*|\..+\.tmp-.*|.+\.old-.*)$")
+#: (the writers below), and also ``.tmp-*`` and ``<name>.old-<pid>`` that other staging code uses. A visible
+#: name must end in the pid: ``report.old-version.txt`` is a user's file, not a leftover.
+_LEFTOVER = re.compile(r"^(?:\.tmp-.*|\..+\.tmp-.*|\..+\.old-.*|.+\.old-\d+)$")
 _PID_SUFFIX = re.compile(r"-(\d+)$")
 
 
