@@ -1,4 +1,5 @@
-"""Embedding distillation by encoding (ibkd.experiments.embedding): tiny tables, a tiny random BERT tokenizer and tiny
+"""Embedding distillation by encoding (ibkd.distill.embedding_table) and the table experiment
+(ibkd.experiments.embedding): tiny tables, a tiny random BERT tokenizer and tiny
 STS-format files written here (never the shared data or the real teacher)."""
 
 from __future__ import annotations
@@ -14,24 +15,21 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
+from ibkd.distill.embedding_table import EncodingDistiller, load_small_table, save_small_table
 from ibkd.experiments.embedding import (
     DirectEmbedding,
     EmbeddingTaskConfig,
-    EncodingDistiller,
     TaskHead,
-    _DirectArm,
-    _pair_cosines,
     add_arguments,
     evaluate_small_table,
-    load_small_table,
     mean_pool_ids,
     render_markdown,
     run_cli,
-    save_small_table,
     select_learning_rate,
     tokenize_pairs,
     train_sts_embedding,
 )
+from ibkd.experiments.embedding.model import DirectArm, pair_cosines
 from ibkd.distill.models import make_tiny_bert
 
 D_BIG = 24  # differs from every other width used here, so a tensor with D_BIG columns can only come from E
@@ -135,7 +133,7 @@ def test_direct_arm_trains_like_the_full_table():
     torch.manual_seed(3)
     vocab, d = 30, 6
     full = DirectEmbedding(vocab, d)
-    compact = _DirectArm(copy.deepcopy(full), torch.tensor([2, 5, 7, 8, 11, 20]))
+    compact = DirectArm(copy.deepcopy(full), torch.tensor([2, 5, 7, 8, 11, 20]))
     head_full = TaskHead(d, 5)
     head_compact = copy.deepcopy(head_full)
 
@@ -157,7 +155,7 @@ def test_direct_arm_trains_like_the_full_table():
         mask = ids != 0
         target = torch.tensor([0.9, 0.1])
         for arm, head, opt in ((full_arm, head_full, opt_full), (compact, head_compact, opt_compact)):
-            loss = F.mse_loss(_pair_cosines(arm, head, ids, mask), target)
+            loss = F.mse_loss(pair_cosines(arm, head, ids, mask), target)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -356,7 +354,7 @@ def test_cli_compare_writes_report(toy, tmp_path, capsys):
     (["--dim", "0", "--output", "o"], "--dim must be a positive int"),
     (["--dim", "4", "--activation", "swish", "--output", "o"], "--activation must be one of"),
     (["--dim", "4", "--method", "pca", "--output", "o"], "--method must be one of"),
-    (["--dim", "4"], "--output is required"),
+    (["--dim", "4"], "--output_dir is required"),
     (["--output", "o"], "--dim is required"),
 ])
 def test_cli_bad_input_is_one_line(toy, tmp_path, capsys, argv, needle):
@@ -367,9 +365,9 @@ def test_cli_bad_input_is_one_line(toy, tmp_path, capsys, argv, needle):
 
 def test_cli_missing_files(toy, tmp_path, capsys):
     rc = _cli(["--teacher", toy["teacher"], "--dim", "4", "--output", str(tmp_path / "o"),
-               "--data-dir", str(tmp_path / "nodata")])
+               "--data_dir", str(tmp_path / "nodata")])
     err = capsys.readouterr().err
-    assert rc == 2 and "--data-dir" in err and "train" in err
+    assert rc == 2 and "--data_dir" in err and "train" in err
     rc = _cli([*_data_flags(toy), "--dim", "4", "--output", str(tmp_path / "o"), "--dev", str(tmp_path / "x.csv")])
     err = capsys.readouterr().err
     assert rc == 2 and "--dev" in err and "not found" in err

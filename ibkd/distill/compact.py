@@ -2,7 +2,7 @@
 
 The ``V x hidden`` word-embedding matrix is most of a small BERT's parameters (all-MiniLM-L6-v2: 11.7M of
 22.7M). The compact student replaces it by a small ``V x d_small`` table (from embedding distillation by
-encoding, :mod:`ibkd.experiments.embedding`) followed by ``Linear(d_small -> hidden)``
+encoding, :mod:`ibkd.distill.embedding_table`) followed by ``Linear(d_small -> hidden)``
 (:class:`ibkd.distill.compact_modeling.CompactBertModel`); position/token-type embeddings, the embedding LayerNorm
 and the chosen transformer layers are copied from the teacher. The up-projection starts at the least-squares
 fit ``[T 1] [W^T; b] ~ E`` of the teacher's word-embedding matrix E, so the student starts close to the plain
@@ -37,14 +37,13 @@ from typing import Optional, Sequence, Union
 import torch
 
 from .compact_modeling import CompactBertConfig, CompactBertModel, register_auto_classes
-from ..experiments.embedding import load_small_table
+from .embedding_table import TABLE_FILE, load_small_table
 from .evaluation import count_parameters
 from .models import Encoder, subset_layers
 
 UP_INITS = ("lstsq", "random")
 FACTORIZED_KEYS = ("embeddings.word_embeddings.table.weight", "embeddings.word_embeddings.up.weight",
                    "embeddings.word_embeddings.up.bias")
-TABLE_FILE = "table.safetensors"  # written by ibkd.experiments.embedding.save_small_table
 
 register_auto_classes()
 
@@ -53,7 +52,7 @@ register_auto_classes()
 
 def load_compact_table(folder: Union[str, Path], tokenizer=None, *, vocab_size: Optional[int] = None
                        ) -> tuple[torch.Tensor, dict]:
-    """The ``V x d_small`` table of a folder written by ``ibkd.experiments.embedding.save_small_table`` and its meta.
+    """The ``V x d_small`` table of a folder written by ``ibkd.distill.embedding_table.save_small_table`` and its meta.
 
     With ``tokenizer`` (the teacher's), checks that the table has one row per token id of the model
     (``vocab_size``, the rows of its word-embedding matrix; default ``len(tokenizer)``) and, when the folder
@@ -64,7 +63,7 @@ def load_compact_table(folder: Union[str, Path], tokenizer=None, *, vocab_size: 
         raise FileNotFoundError(f"compact_embeddings folder {folder} does not exist")
     if not (folder / TABLE_FILE).is_file():
         raise FileNotFoundError(f"compact_embeddings folder {folder} has no {TABLE_FILE} "
-                                "(write it with ibkd.experiments.embedding.save_small_table)")
+                                "(write it with ibkd.distill.embedding_table.save_small_table)")
     table, meta = load_small_table(folder)  # DataError (a ValueError) on an inconsistent folder
     if table.dim() != 2 or not table.is_floating_point():
         raise ValueError(f"the table in {folder} must be a 2-D float tensor, got {tuple(table.shape)} {table.dtype}")

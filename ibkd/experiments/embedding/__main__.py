@@ -1,0 +1,8 @@
+"""``python -m ibkd.experiments.embedding``: the same as ``ibkd compress-embeddings``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""``ibkd compress-embeddings``: distill the teacher's word-embedding table into a small one (one run,
+saved as a folder the compact student loads), or compare distilled and directly trained tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from ...distill.embedding_table import (ACTIVATIONS, EmbeddingConfigError, activation_fn, check_positive_int,
+                                        save_small_table)
+from .compare import DEFAULT_SEEDS, DEFAULT_SIZES, compare_embeddings, load_teacher_table, render_markdown, stsb_paths
+from .train import DEFAULT_LR_GRID, METHODS, EmbeddingTaskConfig, select_learning_rate, train_sts_embedding
+
+
+def _comma_list(convert: Callable, kind: str, example: str) -> Callable[[str], list]:
+    """An argparse type for comma-separated values of one kind (at least one)."""
+
+    def parse(text: str) -> list:
+        try:
+            values = [convert(v) for v in str(text).split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind}s like {example}, got {text!r}") from None
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {kind}, got {text!r}")
+        return values
+
+    return parse
+
+
+_int_list = _comma_list(int, "int", "32,64,128")
+_float_list = _comma_list(float, "number", "1e-3,3e-3")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The flags of ``ibkd compress-embeddings``."""
+    parser.add_argument("--teacher", default="default", help="teacher whose word-embedding table is distilled "
+                        "(folder, hub id, or 'default' = the offline all-MiniLM-L6-v2)")
+    parser.add_argument("--dim", type=int, default=None, help="d_small of a single run")
+    parser.add_argument("--method", default="distilled", help="distilled (encoding of the big table) or direct (baseline)")
+    parser.add_argument("--activation", default="tanh", help=f"encoder non-linearity f: {', '.join(ACTIVATIONS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output_dir", "--output", dest="output", default=None,
+                        help="folder for the small table (single run)")
+    parser.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
+                        help="folder holding sts/stsbenchmark/ (default: $IBKD_DATA_DIR)")
+    parser.add_argument("--train", default=None, help="STS-B train file (overrides --data-dir)")
+    parser.add_argument("--dev", default=None, help="STS-B dev file (overrides --data-dir)")
+    parser.add_argument("--test", default=None, help="STS-B test file (overrides --data-dir)")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="fixed learning rate (default: choose from --lr-grid on dev)")
+    parser.add_argument("--lr-grid", type=_float_list, default=list(DEFAULT_LR_GRID))
+    parser.add_argument("--task-hidden", type=int, default=None)
+    parser.add_argument("--task-activation", default=None)
+    parser.add_argument("--teacher-weight", type=float, default=None, help="weight of the soft-target term (default 0)")
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--num-threads", type=int, default=None, help="torch threads while training (default 1)")
+    parser.add_argument("--compare", action="store_true", help="distilled vs direct for --sizes x --seeds")
+    parser.add_argument("--sizes", type=_int_list, default=list(DEFAULT_SIZES))
+    parser.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--report", default=None, help="JSON file for the comparison")
+    return parser
+
+
+_CLI_FIELDS = {"epochs": "epochs", "batch_size": "batch_size", "task_hidden": "task_hidden",
+               "task_activation": "task_activation", "teacher_weight": "teacher_weight", "max_length": "max_length",
+               "device": "device", "num_threads": "num_threads"}
+
+
+def _cli_overrides(args) -> dict:
+    values = {field: getattr(args, flag) for flag, field in _CLI_FIELDS.items() if getattr(args, flag, None) is not None}
+    values["activation"] = args.activation
+    return values
+
+
+def _run(args) -> int:
+    activation_fn(args.activation, "--activation")
+    if args.compare:
+        methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+        for size in args.sizes:
+            check_positive_int(size, "--sizes")
+        grid = [args.lr] if args.lr is not None else args.lr_grid
+        report = compare_embeddings(args.teacher, args.sizes, args.seeds, args.data_dir, methods=methods, lr_grid=grid,
+                                    train_path=args.train, dev_path=args.dev, test_path=args.test,
+                                    progress=lambda m: print(m, file=sys.stderr, flush=True), **_cli_overrides(args))
+        if args.report:
+            report_path = Path(args.report)
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            report_path.write_text(json.dumps(report, indent=1) + "\n")
+        print(render_markdown(report), end="")
+        if args.report:
+            print(f"report written to {args.report}")
+        return 0
+    if args.dim is None:
+        raise EmbeddingConfigError("--dim is required for a single run (or use --compare)")
+    check_positive_int(args.dim, "--dim")
+    if not args.output:
+        raise EmbeddingConfigError("--output_dir is required for a single run (the folder for the small table)")
+    if args.method not in METHODS:
+        raise EmbeddingConfigError(f"--method must be one of {', '.join(METHODS)}, got {args.method!r}")
+    paths = stsb_paths(args.data_dir, args.train, args.dev, args.test)
+    cfg = EmbeddingTaskConfig.from_dict({**_cli_overrides(args), "d_small": args.dim, "method": args.method,
+                                         "seed": args.seed, **({"lr": args.lr} if args.lr is not None else {})})
+    tokenizer, big_table, teacher_name = load_teacher_table(args.teacher)
+    if args.lr is not None:
+        result = train_sts_embedding(tokenizer, big_table, paths["train"], paths["dev"], paths["test"], cfg)
+    else:
+        result = select_learning_rate(tokenizer, big_table, paths["train"], paths["dev"], paths["test"], cfg,
+                                      args.lr_grid)
+    meta = {"d_small": cfg.d_small, "activation": cfg.activation, "method": cfg.method, "teacher": teacher_name,
+            "vocab_size": int(result["table"].shape[0]), "dev_spearman": result["dev_spearman"],
+            "test_spearman": result["test_spearman"], "best_epoch": result["best_epoch"], "lr": result["lr"],
+            "seed": cfg.seed, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "task_hidden": cfg.task_hidden,
+            "task_activation": cfg.task_activation, "teacher_weight": cfg.teacher_weight,
+            "max_length": cfg.max_length, "dev_by_lr": result.get("dev_by_lr"),
+            "data": {"train": paths["train"], "dev": paths["dev"], "test": paths["test"]}}
+    save_small_table(args.output, result["table"], tokenizer, meta, task_head=result["task_head"])
+    print(f"{cfg.method} table {tuple(result['table'].shape)} (lr {result['lr']:g}, epoch {result['best_epoch']}) "
+          f"saved to {args.output}")
+    print(f"STS-B dev Spearman x100: {result['dev_spearman']:.2f}")
+    print(f"STS-B test Spearman x100: {result['test_spearman']:.2f}")
+    return 0
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """``ibkd compress-embeddings``: bad input is one line on stderr and exit code 2."""
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as exc:  # EmbeddingConfigError, DataError and the readers' errors
+        print(f"ibkd: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ibkd compress-embeddings",
+                                     description="Distill the teacher's word-embedding table into a small one "
+                                                 "(Mou et al. 2016), or compare with a directly trained table.")
+    add_arguments(parser)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return run_cli(parser.parse_args(argv))
