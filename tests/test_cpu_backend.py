@@ -224,6 +224,31 @@ def test_hsic_kernels_match_dense(n, dx, dz, dtype, kernel, tiling):
         assert_close(dz_, e_dz, in_tol, "dz")
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tiling", list(TILINGS))
+def test_hsic_rbf_diagonal_is_exactly_one(dtype, tiling):
+    # Rows of norm 60 in random directions and γ = 1: every off-diagonal exp(−γ‖a_i − a_j‖²) is 0
+    # in float32 and float64, so K = L = I exactly. The expansion ‖a_i‖² + ‖a_i‖² − 2a_i·a_i leaves
+    # noise ~u·‖a_i‖² on the diagonal, so only a kernel that writes K_ii = exp(0) gives the exact
+    # statistics (n, n, n), row sums 1 and zero gradients. n = 37 puts the diagonal at every lane of
+    # the 16-wide epilogue and on ragged edge tiles with the small tilings.
+    n = 37
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, 384, generator=g, dtype=torch.float64)
+    z = torch.randn(n, 24, generator=g, dtype=torch.float64)
+    x = (60 * x / x.norm(dim=1, keepdim=True)).to(dtype)
+    z = (60 * z / z.norm(dim=1, keepdim=True)).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    gammas = torch.tensor([1.0, 1.0], dtype=acc)
+    with cpu_tuning(**TILINGS[tiling]):
+        sums, rk, rl = CPU.hsic_stats(x, z, gammas, "rbf")
+        assert sums.tolist() == [n, n, n]
+        assert (rk == 1).all() and (rl == 1).all()
+        grads = (torch.tensor([1.0, 0.5, 0.25], dtype=acc), torch.ones(n, dtype=acc), torch.ones(n, dtype=acc))
+        dx, dz = CPU.hsic_stats_backward(*grads, x, z, gammas, "rbf")
+        assert (dx == 0).all() and (dz == 0).all()
+
+
 def test_hsic_kernels_float16():
     x, z, gammas = _hsic_inputs(40, 9, 5, torch.float16)
     x64, z64, g64 = _as64(x, z, gammas)

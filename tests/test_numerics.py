@@ -13,8 +13,8 @@ normwise: ``max|got − truth| / max|truth|``.
   Σ K∘L − (2/n)(K1)·(L1) + (1ᵀK1)(1ᵀL1)/n², whose terms are ~300× the HSIC value here.
 * K_ii = 1 exactly: ‖a_i‖² + ‖a_i‖² − 2a_i·a_i is rounding noise ~u·‖a_i‖², which a large γ turned
   into K_ii < 1. Centring shrinks it (‖a_i‖ then excludes the offset), but with γ large enough, or
-  rows genuinely far apart, the kernel must write the diagonal exactly (reference, triton and cuda
-  do; the cpu kernel does not yet: xfail).
+  rows genuinely far apart, the kernel must write the diagonal exactly (every backend does: the
+  exponent of entry (i, i) is set to 0 on the tiles that straddle the diagonal).
 * InfoNCE with ``normalize=True`` on rows scaled by 1e20 (squares overflow float32) or 1e-25
   (squares underflow): the loss is scale-invariant, so it must equal the unscaled float64 loss.
 * τ = 1e-40: 1/τ overflows float32, so every backend raises the same ValueError; in float64 it is a
@@ -46,15 +46,6 @@ BACKENDS = [
     pytest.param("cpu", CPU, id="cpu"),
     pytest.param("triton", CUDA if HAS_CUDA else CPU, id="triton"),
     pytest.param("cuda", CUDA, id="cuda", marks=pytest.mark.gpu),
-]
-
-CPU_DIAGONAL_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="csrc/cpu/hsic.cpp kernel_tile does not write exp(0) on the diagonal of diagonal tile pairs "
-    "(owned by the CPU-kernel rewrite); remove this marker once it does",
-)
-WITH_CPU_DIAGONAL_XFAIL = [
-    p if p.id != "cpu" else pytest.param(*p.values, id="cpu", marks=CPU_DIAGONAL_XFAIL) for p in BACKENDS
 ]
 
 
@@ -164,7 +155,7 @@ def test_median_gamma_of_rows_with_a_large_shared_offset_matches_float64():
 # ------------------------------------------------------------------------ HSIC: K_ii = 1
 
 
-@pytest.mark.parametrize("backend, device", WITH_CPU_DIAGONAL_XFAIL)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 def test_rbf_kernel_diagonal_with_a_shared_offset_and_large_gamma(backend, device):
     # γ = 1000 puts every off-diagonal exp(−γ‖x_i − x_j‖²) below 1e-800: K is the identity and every
     # deviation of K_ii from 1 shows directly in HSIC and in its z-gradient. (The x-gradient is that
@@ -179,7 +170,7 @@ def test_rbf_kernel_diagonal_with_a_shared_offset_and_large_gamma(backend, devic
         assert err <= 1e-5, f"{name}: relative error {err:.2e} > 1e-5"
 
 
-@pytest.mark.parametrize("backend, device", WITH_CPU_DIAGONAL_XFAIL)
+@pytest.mark.parametrize("backend, device", BACKENDS)
 def test_rbf_kernel_diagonal_is_exact_for_rows_far_apart(backend, device):
     # Rows of norm 60 in random directions (no common offset, so centring changes little) and γ = 1:
     # K is exactly the identity in float64. K_ii must be written as exp(0) = 1, not computed from

@@ -4,7 +4,8 @@
 // matrices are computed; an off-diagonal pair stands for itself and its transpose (weight 2 in the
 // sums, its column sums are the row sums of block J). Each tile pair costs one Gram GEMM per input
 // (half the GEMM work of forming K and L), the RBF exponent is applied to the tile in place:
-//   −γ‖a_i − a_j‖² = 2γ·a_i·a_j − γ(‖a_i‖² + ‖a_j‖²), clamped at ≤ 0, then exp.
+//   −γ‖a_i − a_j‖² = 2γ·a_i·a_j − γ(‖a_i‖² + ‖a_j‖²), clamped at ≤ 0, then exp;
+// on the diagonal of a diagonal tile pair the exponent is set to exactly 0 (K_ii = 1).
 //
 // * hsic_stats: one pass; per worker Σ K∘L, Σ K∘K, Σ L∘L (float64) and row-sum accumulators.
 // * hsic_stats_backward: recomputes the two tiles, forms the symmetric weights
@@ -123,6 +124,9 @@ void kernel_tile(Tensor& out, const Tensor& a, const Tensor& sq, double gamma, K
   at::add_out(out, sq.narrow(0, p.i.start, p.i.size).unsqueeze(1),
               sq.narrow(0, p.j.start, p.j.size).unsqueeze(0));
   out.addmm_(a_i, a_j.t(), /*beta=*/-gamma, /*alpha=*/2.0 * gamma);
+  // The expansion leaves rounding noise ~u·‖a_i‖² where i == j; with large rows or a large γ that
+  // made K_ii visibly less than 1. A diagonal tile pair has I == J, so its own diagonal is i == j.
+  if (p.diagonal()) out.diagonal().zero_();
   out.clamp_max_(0).exp_();
 }
 
@@ -150,6 +154,7 @@ simd::HsicTile tile_args(const HsicInputs& in, const TilePair& p, int64_t ld) {
   t.rj = p.j.size;
   t.ld = ld;
   t.rbf = in.kernel == Kernel::kRbf;
+  t.diagonal = p.diagonal();
   t.gamma_x = static_cast<float>(in.gx);
   t.gamma_z = static_cast<float>(in.gz);
   t.sqx_i = t.sqx_j = t.sqz_i = t.sqz_j = nullptr;

@@ -21,8 +21,11 @@ std::atomic<bool>& enabled_flag() {
 
 // ------------------------------------------------------------------------------- scalar versions
 
-inline float rbf_entry(float g, float sq_sum, float gamma) {
-  // −γ‖a_i − a_j‖² = 2γ·a_i·a_j − γ(‖a_i‖² + ‖a_j‖²), clamped at 0 (rounding can make it positive)
+inline float rbf_entry(float g, float sq_sum, float gamma, bool same) {
+  // −γ‖a_i − a_j‖² = 2γ·a_i·a_j − γ(‖a_i‖² + ‖a_j‖²), clamped at 0 (rounding can make it positive);
+  // for i == j (`same`) exactly 0: the expansion leaves noise ~u·‖a_i‖² there, which a large γ
+  // turns into K_ii visibly below 1
+  if (same) return 1.0f;
   return std::exp(std::min(0.0f, std::fma(2.0f * gamma, g, -gamma * sq_sum)));
 }
 
@@ -55,8 +58,9 @@ void stats_scalar(const HsicTile& t, const float* gx, const float* gz, double* s
     for (int64_t j = 0; j < t.rj; ++j) {
       float k = gx[i * t.ld + j], l = gz[i * t.ld + j];
       if (t.rbf) {
-        k = rbf_entry(k, t.sqx_i[i] + t.sqx_j[j], t.gamma_x);
-        l = rbf_entry(l, t.sqz_i[i] + t.sqz_j[j], t.gamma_z);
+        const bool same = t.diagonal && i == j;
+        k = rbf_entry(k, t.sqx_i[i] + t.sqx_j[j], t.gamma_x, same);
+        l = rbf_entry(l, t.sqz_i[i] + t.sqz_j[j], t.gamma_z, same);
       }
       kl += k * l;
       kk += k * k;
@@ -84,8 +88,9 @@ void weights_scalar(const HsicTile& t, float* gx, float* gz, float g0, float g1,
     for (int64_t j = 0; j < t.rj; ++j) {
       float k = gx[i * t.ld + j], l = gz[i * t.ld + j];
       if (t.rbf) {
-        k = rbf_entry(k, t.sqx_i[i] + t.sqx_j[j], t.gamma_x);
-        l = rbf_entry(l, t.sqz_i[i] + t.sqz_j[j], t.gamma_z);
+        const bool same = t.diagonal && i == j;
+        k = rbf_entry(k, t.sqx_i[i] + t.sqx_j[j], t.gamma_x, same);
+        l = rbf_entry(l, t.sqz_i[i] + t.sqz_j[j], t.gamma_z, same);
       }
       float wv = grk_i[i] + grk_j[j] + 2.0f * g0 * l + 4.0f * g1 * k;
       float vv = grl_i[i] + grl_j[j] + 2.0f * g0 * k + 4.0f * g2 * l;
@@ -190,8 +195,16 @@ IBKD_AVX512 void rows_avx512(float* tile, int64_t rows, int64_t cols, int64_t ld
   }
 }
 
-IBKD_AVX512 inline __m512 rbf_ps(__m512 g, __m512 sq_sum, __m512 two_gamma, __m512 neg_gamma) {
-  return exp_ps(_mm512_min_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(two_gamma, g, _mm512_mul_ps(neg_gamma, sq_sum))));
+// `same` marks the lane (if any) where i == j: its exponent is exactly 0 (see rbf_entry)
+IBKD_AVX512 inline __m512 rbf_ps(__m512 g, __m512 sq_sum, __m512 two_gamma, __m512 neg_gamma, __mmask16 same) {
+  const __m512 e = _mm512_min_ps(_mm512_setzero_ps(), _mm512_fmadd_ps(two_gamma, g, _mm512_mul_ps(neg_gamma, sq_sum)));
+  return exp_ps(_mm512_mask_mov_ps(e, same, _mm512_setzero_ps()));
+}
+
+// The lane of columns [j, j + 16) that holds column i on a diagonal tile, as a mask (0 elsewhere):
+// one compare per 16 entries, and nothing changes on the off-diagonal tiles.
+IBKD_AVX512 inline __mmask16 diagonal_lane(bool diagonal, int64_t i, int64_t j) {
+  return (diagonal && i >= j && i < j + 16) ? (__mmask16)(1u << (i - j)) : (__mmask16)0;
 }
 
 IBKD_AVX512 void stats_avx512(const HsicTile& t, const float* gx, const float* gz, double* sums,
@@ -207,8 +220,9 @@ IBKD_AVX512 void stats_avx512(const HsicTile& t, const float* gx, const float* g
       __m512 k = _mm512_maskz_loadu_ps(m, gx + i * t.ld + j);
       __m512 l = _mm512_maskz_loadu_ps(m, gz + i * t.ld + j);
       if (t.rbf) {
-        k = _mm512_maskz_mov_ps(m, rbf_ps(k, _mm512_add_ps(sxi, _mm512_maskz_loadu_ps(m, t.sqx_j + j)), tgx, ngx));
-        l = _mm512_maskz_mov_ps(m, rbf_ps(l, _mm512_add_ps(szi, _mm512_maskz_loadu_ps(m, t.sqz_j + j)), tgz, ngz));
+        const __mmask16 same = diagonal_lane(t.diagonal, i, j);
+        k = _mm512_maskz_mov_ps(m, rbf_ps(k, _mm512_add_ps(sxi, _mm512_maskz_loadu_ps(m, t.sqx_j + j)), tgx, ngx, same));
+        l = _mm512_maskz_mov_ps(m, rbf_ps(l, _mm512_add_ps(szi, _mm512_maskz_loadu_ps(m, t.sqz_j + j)), tgz, ngz, same));
       }
       vkl = _mm512_fmadd_ps(k, l, vkl);
       vkk = _mm512_fmadd_ps(k, k, vkk);
@@ -245,8 +259,9 @@ IBKD_AVX512 void weights_avx512(const HsicTile& t, float* gx, float* gz, float g
       float* pz = gz + i * t.ld + j;
       __m512 k = _mm512_maskz_loadu_ps(m, px), l = _mm512_maskz_loadu_ps(m, pz);
       if (t.rbf) {
-        k = rbf_ps(k, _mm512_add_ps(sxi, _mm512_maskz_loadu_ps(m, t.sqx_j + j)), tgx, ngx);
-        l = rbf_ps(l, _mm512_add_ps(szi, _mm512_maskz_loadu_ps(m, t.sqz_j + j)), tgz, ngz);
+        const __mmask16 same = diagonal_lane(t.diagonal, i, j);
+        k = rbf_ps(k, _mm512_add_ps(sxi, _mm512_maskz_loadu_ps(m, t.sqx_j + j)), tgx, ngx, same);
+        l = rbf_ps(l, _mm512_add_ps(szi, _mm512_maskz_loadu_ps(m, t.sqz_j + j)), tgz, ngz, same);
       }
       __m512 wv = _mm512_add_ps(gki, _mm512_maskz_loadu_ps(m, grk_j + j));
       wv = _mm512_fmadd_ps(c0, l, wv);

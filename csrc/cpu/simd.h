@@ -32,7 +32,8 @@ void infonce_rows_lse(const float* tile, int64_t rows, int64_t cols, int64_t ld,
 
 // HSIC, one tile pair (I, J): gx, gz hold the Gram tiles X_I X_Jᵀ and Z_I Z_Jᵀ (ri × rj, stride ld).
 // RBF (rbf = true): K_ij = exp(min(0, 2γx·gx_ij − γx·(sqx_i[i] + sqx_j[j]))), likewise L from gz;
-// linear: K = gx, L = gz. Adds Σ K∘L, Σ K∘K, Σ L∘L of the tile to sums[0..2] (float64), the row
+// linear: K = gx, L = gz. On a diagonal tile pair (I == J, so ri == rj) the RBF exponent of entry
+// (i, i) is exactly 0: K_ii = L_ii = 1, not exp of the expansion's rounding noise. Adds Σ K∘L, Σ K∘K, Σ L∘L of the tile to sums[0..2] (float64), the row
 // sums of K and L to rowk[0..ri), rowl[0..ri), and, if colk is not null, the column sums to
 // colk[0..rj), coll[0..rj). The tiles are left unchanged.
 struct HsicTile {
@@ -40,6 +41,7 @@ struct HsicTile {
   const float *sqx_i, *sqx_j, *sqz_i, *sqz_j;  // squared row norms (RBF only)
   float gamma_x, gamma_z;
   bool rbf;
+  bool diagonal;  // I == J: entry (i, i) of the tile is the diagonal of K and L
 };
 void hsic_tile_stats(const HsicTile& t, const float* gx, const float* gz, double* sums, float* rowk,
                      float* rowl, float* colk, float* coll);
