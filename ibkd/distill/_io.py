@@ -1,4 +1,10 @@
-"""Crash-safe file writes: a reader (or a resumed run) sees the old file or the new one, never a torn one.
+"""Reading input files with errors that name the place, and crash-safe writes.
+
+Reads: :func:`numbered_lines` gives a file's lines with their numbers and turns bytes that are not UTF-8 into
+a :class:`DataError` naming the file and line; every parser of user data builds on it so that each of its
+errors can say ``<file>:<line>: ...``.
+
+Writes: a reader (or a resumed run) sees the old file or the new one, never a torn one.
 
 Writers stage their output beside the target under a name made by :func:`staging_name` (``.<name>.tmp-<pid>``
 for the new content, ``.<name>.old-<pid>`` for the content being replaced). A writer killed mid-way leaves
@@ -12,7 +18,38 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import IO, Callable, Optional
+from typing import IO, Callable, Iterator, Optional
+
+
+class DataError(ValueError):
+    """Bad or missing input data (reported by the CLI as one line)."""
+
+
+def require_file(path, what: str = "file") -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{what} not found: {path}")
+    if path.is_dir():
+        raise DataError(f"{what} {path} is a folder, not a file")
+    return path
+
+
+def numbered_lines(path) -> Iterator[tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 file, numbered from 1, each line with its ending. Lines end at
+    ``\\n`` only: some corpora hold other Unicode line separators inside a sentence, which ``str.splitlines``
+    would split on. A byte-order mark at the start is dropped (spreadsheet programs write one)."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[:exc.start].decode("utf-8", "replace")) + 1
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {column}); "
+                                f"convert the file to UTF-8") from None
+            if lineno == 1 and line.startswith("\ufeff"):
+                line = line[1:]
+            yield lineno, line
+
 
 #: What writers of a run folder leave behind when killed: ``.<name>.tmp-<pid>`` and ``.<name>.old-<pid>``
 #: (the writers below), and also ``.tmp-*`` and ``<name>.old-<pid>`` that other staging code uses. A visible

@@ -5,8 +5,11 @@
   Empty lines are skipped and counted.
 * :func:`read_labeled` — stage-2 data: triplets (``sent0,sent1,hard_neg``, the SimCSE csv), pairs
   (``sent0,sent1``), scored pairs (``sent0,sent1,score``) or an STS-B file (scored pairs).
-* :func:`read_stsb` — STS Benchmark tsv: no header, quoting off, first 7 fields
-  (genre, file, year, id, score, sentence 1, sentence 2).
+* STS-B files are read by :mod:`ibkd.distill.stsb`.
+
+Every error on a file's content is a :class:`DataError` that starts with ``<file>:<line>:`` (the line where the
+offending row starts), so a user can open the file at the place: invalid JSON, a missing column, a row with
+the wrong number of fields, a score that is not a number, bytes that are not UTF-8, a broken quoted field.
 """
 
 from __future__ import annotations
@@ -14,18 +17,26 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+import math
 import sys
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence
+
+from ._io import DataError, numbered_lines, require_file
+from .stsb import is_stsb_row, stsb_sentences
+from .stsb import read_stsb as _read_stsb_pairs
+
+__all__ = ["DataError", "ReadStats", "LabeledData", "TEXT_COLUMNS", "corpus_hash", "read_sentences", "read_labeled",
+           "read_stsb", "stsb_sentences"]
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+log = logging.getLogger("ibkd.distill.data")
 
 TEXT_COLUMNS = ("text", "sentence", "sent0", "sentence1", "anchor")
-
-
-class DataError(ValueError):
-    """Bad or missing input data (reported by the CLI as one line)."""
+_ANCHOR, _POSITIVE = ("sent0", "anchor"), ("sent1", "positive")
 
 
 @dataclass
@@ -52,13 +63,6 @@ class LabeledData:
         return len(self.anchors)
 
 
-def _check_file(path: Union[str, Path]) -> Path:
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise DataError(f"file not found: {path}")
-    return path
-
-
 def corpus_hash(sentences: Sequence[str]) -> str:
     """SHA-256 of the sentences in order (separated by a byte that cannot appear in text)."""
     digest = hashlib.sha256()
@@ -68,22 +72,87 @@ def corpus_hash(sentences: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
-def _pick_column(columns: Sequence[str], column: Optional[str], path) -> str:
+def _pick_column(columns: Sequence[str], column: Optional[str], where) -> str:
     if column is not None:
         if column not in columns:
-            raise DataError(f"{path}: no column {column!r} (columns: {', '.join(columns)})")
+            raise DataError(f"{where}: no column {column!r} (columns: {', '.join(map(str, columns))})")
         return column
     for name in TEXT_COLUMNS:
         if name in columns:
             return name
-    raise DataError(f"{path}: cannot tell the text column among {list(columns)}; pass column=")
+    raise DataError(f"{where}: cannot tell the text column among {list(columns)}; pass column= (one of "
+                    f"{', '.join(TEXT_COLUMNS)} is found by itself)")
 
+
+# -- row readers: (line, row) of a file, every error naming the line ---------------------------------------
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
+    """``(line, value)`` of every non-blank line of a JSON-lines file; blank lines yield ``(line, None)``."""
+    for lineno, line in numbered_lines(path):
+        if not line.strip():
+            yield lineno, None
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, list]]:
+    """``(line where the record starts, fields)`` of a csv/tsv file; blank lines yield ``(line, [])``.
+
+    ``strict``: a quoted field that is never closed, or text after a closing quote, is an error at its line.
+    The lenient default reads the first as "the rest of the file is one field" and silently mangles the
+    second."""
+    lines = numbered_lines(path)
+    reader = csv.reader((line for _, line in lines), delimiter=delimiter, strict=True)
+    start = 1
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}:{start}: malformed {'tsv' if delimiter == chr(9) else 'csv'} ({exc}); a field "
+                            f"that starts with a double quote must end with one, and inner quotes are doubled") from None
+        yield start, record
+        start = reader.line_num + 1
+
+
+def _header_and_rows(path: Path, delimiter: str) -> Iterator[tuple[int, Optional[dict]]]:
+    """``(line, {column: value})`` of a csv/tsv file with a header line; blank lines yield ``(line, None)``.
+    The first item is ``(line, header)`` with the header as a dict of column → column."""
+    records = _csv_records(path, delimiter)
+    header_line, header = next(((lineno, record) for lineno, record in records if record), (1, None))
+    if header is None:
+        return
+    header = [h.strip() for h in header]
+    yield header_line, dict(zip(header, header))
+    for lineno, record in records:
+        if not record:
+            yield lineno, None
+            continue
+        if len(record) != len(header):
+            raise DataError(f"{path}:{lineno}: {len(record)} fields, but the header has {len(header)} "
+                            f"({', '.join(header)})")
+        yield lineno, dict(zip(header, record))
+
+
+def _text(value, path: Path, lineno: int, column: str) -> str:
+    """A cell as text ("" for null); anything but a string (a number, a list, an object) is an error."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{path}:{lineno}: {column!r} holds {type(value).__name__} {json.dumps(value)[:60]}, "
+                        f"not text")
+    return value
+
+
+# -- unlabeled sentences -----------------------------------------------------------------------------------
 
 def _read_dataset(spec, column: Optional[str], stats: ReadStats) -> list:
-    try:
-        import datasets
-    except ImportError as exc:
-        raise DataError("reading a datasets dataset needs the 'datasets' package (pip install datasets)") from exc
+    import datasets
+
     if isinstance(spec, str):
         if spec.startswith("hf:"):
             name, _, split = spec[3:].partition(":")
@@ -98,35 +167,52 @@ def _read_dataset(spec, column: Optional[str], stats: ReadStats) -> list:
     return list(ds[col])
 
 
+def _jsonl_texts(path: Path, column: Optional[str]) -> Iterator[str]:
+    """A JSON string per line is a sentence; an object gives its text column, chosen on the first object and
+    required in every other."""
+    for lineno, row in _jsonl_rows(path):
+        if row is None or isinstance(row, str):
+            yield row or ""
+        elif isinstance(row, dict):
+            if column is None:
+                column = _pick_column(list(row), None, f"{path}:{lineno}")
+            elif column not in row:
+                raise DataError(f"{path}:{lineno}: no {column!r} key (this row has: {', '.join(row) or 'none'})")
+            yield _text(row[column], path, lineno, column)
+        else:
+            raise DataError(f"{path}:{lineno}: expected a JSON object or string, got {type(row).__name__}")
+
+
+def _csv_texts(path: Path, column: Optional[str], delimiter: str) -> Iterator[str]:
+    rows = _header_and_rows(path, delimiter)
+    first = next(rows, None)
+    if first is None:
+        return
+    column = _pick_column(list(first[1]), column, f"{path}:{first[0]}")
+    for _, row in rows:
+        yield "" if row is None else row[column]
+
+
+def _txt_texts(path: Path) -> Iterator[str]:
+    for _, line in numbered_lines(path):
+        yield line.rstrip("\n")
+
+
 def read_sentences(source, column: Optional[str] = None, limit: Optional[int] = None):
     """Return ``(sentences, stats)``; whitespace is stripped, empty rows are skipped and counted."""
     stats = ReadStats(path=str(source) if isinstance(source, (str, Path)) else type(source).__name__)
     if not isinstance(source, (str, Path)) or str(source).startswith("hf:") or (
             Path(source).is_dir() and (Path(source) / "dataset_info.json").exists()):
-        raw = _read_dataset(str(source) if isinstance(source, Path) else source, column, stats)
+        raw = iter(_read_dataset(str(source) if isinstance(source, Path) else source, column, stats))
     else:
-        path = _check_file(source)
+        path = require_file(source)
         suffix = path.suffix.lower()
         if suffix == ".jsonl":
-            raw = []
-            with path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        stats.empty_skipped += 1
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                    raw.append(row.get(_pick_column(list(row), column, path)) if isinstance(row, dict) else row)
+            raw = _jsonl_texts(path, column)
         elif suffix in (".csv", ".tsv"):
-            with path.open(encoding="utf-8", newline="") as f:
-                reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-                col = _pick_column(reader.fieldnames or [], column, path)
-                raw = [row.get(col) for row in reader]
+            raw = _csv_texts(path, column, "\t" if suffix == ".tsv" else ",")
         else:  # plain text, one sentence per line
-            with path.open(encoding="utf-8") as f:
-                raw = [line.rstrip("\n") for line in f]
+            raw = _txt_texts(path)
     sentences = []
     for item in raw:
         text = "" if item is None else str(item).strip()
@@ -141,68 +227,94 @@ def read_sentences(source, column: Optional[str] = None, limit: Optional[int] = 
 
 
 def read_stsb(path):
-    """STS-B tsv → ``(sents1, sents2, scores)``; quoting disabled, extra trailing fields ignored.
-    One parser serves training and evaluation (:func:`ibkd.distill.evaluation.load_stsb`); its errors come back
-    here as :class:`DataError`, and sentences are stripped."""
-    from .evaluation import load_stsb
+    """An STS-B file as ``(sents1, sents2, scores)``, sentences stripped (the shape the trainers take); the
+    file itself is read by :func:`ibkd.distill.stsb.read_stsb`."""
+    pairs, scores = _read_stsb_pairs(path)
+    return [a.strip() for a, _ in pairs], [b.strip() for _, b in pairs], scores
 
-    path = _check_file(path)
+
+# -- labeled pairs -----------------------------------------------------------------------------------------
+
+def _labeled_rows(path: Path) -> Iterator[tuple[Optional[int], Optional[dict]]]:
+    """``(line, row)`` with the keys of the file (``sent0``/``anchor``, ``sent1``/``positive``, optional
+    ``hard_neg``, ``score``); STS-B files give rows without line numbers (their reader checks them)."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for lineno, row in _jsonl_rows(path):
+            if row is None:
+                continue
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object with sent0 and sent1, got "
+                                f"{type(row).__name__}")
+            for names in (_ANCHOR, _POSITIVE):
+                if not any(n in row for n in names):
+                    raise DataError(f"{path}:{lineno}: no {' or '.join(names)} key (this row has: "
+                                    f"{', '.join(row) or 'none'})")
+            yield lineno, row
+        return
+    with closing(numbered_lines(path)) as lines:
+        first = next((line for _, line in lines if line.strip()), "")
+    if is_stsb_row(first):  # headerless: STS-B format
+        pairs, scores = _read_stsb_pairs(path)
+        for (a, b), s in zip(pairs, scores):
+            yield None, {"sent0": a, "sent1": b, "score": s}
+        return
+    rows = _header_and_rows(path, "\t" if "\t" in first else ",")
+    header_line, header = next(rows, (1, {}))
+    header = list(header)
+    for names in (_ANCHOR, _POSITIVE):
+        if not any(n in header for n in names):
+            raise DataError(f"{path}:{header_line}: the header ({', '.join(header) or 'empty'}) has no {' or '.join(names)} "
+                            f"column; stage-2 data needs a header sent0,sent1[,hard_neg][,score], or STS-B rows")
+    yield from rows
+
+
+def _score(value, path: Path, lineno: Optional[int]) -> Optional[float]:
+    if value is None or value == "":
+        return None
     try:
-        s1, s2, scores = load_stsb(path)
-    except ValueError as e:
-        raise DataError(str(e)) from None
-    return [s.strip() for s in s1], [s.strip() for s in s2], list(scores)
-
-
-def stsb_sentences(path) -> list:
-    """Unique sentences of an STS-B file, in first-seen order (extra unlabeled training text)."""
-    s1, s2, _ = read_stsb(path)
-    return list(dict.fromkeys(s for pair in zip(s1, s2) for s in pair if s))
+        score = float(value)
+    except (TypeError, ValueError):
+        score = math.nan
+    if not math.isfinite(score):
+        raise DataError(f"{path}:{lineno}: score {value!r} is not a number")
+    return score
 
 
 def read_labeled(path, min_score: Optional[float] = None) -> LabeledData:
     """Stage-2 data from a csv/tsv with a header (``sent0,sent1[,hard_neg][,score]``), a jsonl with the
     same keys, or an STS-B file (no header). Scored pairs with ``min_score`` keep only rows at or above
-    it as positives. Rows with an empty anchor or positive are skipped and counted; an empty hard
-    negative drops hard negatives for the whole set (they must be all present or all absent)."""
-    path = _check_file(path)
+    it as positives. Rows with an empty anchor or positive are skipped and counted; scores are all present
+    or all absent. An empty hard negative drops hard negatives for the whole set (they must be all present
+    or all absent), with a warning naming the row."""
+    path = require_file(path)
     stats = ReadStats(path=str(path))
-    suffix = path.suffix.lower()
-    rows: list[dict] = []
-    if suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    rows.append(json.loads(line))
-    else:
-        with path.open(encoding="utf-8", newline="") as f:
-            first = f.readline()
-        delimiter = "\t" if "\t" in first else ","
-        header = [h.strip() for h in first.rstrip("\r\n").split(delimiter)]
-        if "sent0" not in header and "anchor" not in header:
-            s1, s2, scores = read_stsb(path)  # headerless: STS-B format
-            rows = [{"sent0": a, "sent1": b, "score": s} for a, b, s in zip(s1, s2, scores)]
-        else:
-            with path.open(encoding="utf-8", newline="") as f:
-                rows = list(csv.DictReader(f, delimiter=delimiter))
+    rows = []
+    for lineno, r in _labeled_rows(path):
+        if r is None:
+            continue
+        a = _text(r.get("sent0", r.get("anchor")), path, lineno, "sent0")
+        p = _text(r.get("sent1", r.get("positive")), path, lineno, "sent1")
+        n = _text(r.get("hard_neg"), path, lineno, "hard_neg")
+        rows.append((lineno, a.strip(), p.strip(), n.strip(), _score(r.get("score"), path, lineno)))
+    has_neg = any(n for *_, n, _ in rows)
+    scored = [lineno for lineno, *_, s in rows if s is not None]
+    if scored and len(scored) != len(rows):
+        lineno = next(lineno for lineno, *_, s in rows if s is None)
+        raise DataError(f"{path}:{lineno}: no score, but other rows (e.g. line {scored[0]}) have one")
     anchors, positives, negatives, scores = [], [], [], []
-    has_neg = any(r.get("hard_neg") not in (None, "") for r in rows)
-    has_score = any(r.get("score") not in (None, "") for r in rows)
-    for r in rows:
-        a = str(r.get("sent0", r.get("anchor")) or "").strip()
-        p = str(r.get("sent1", r.get("positive")) or "").strip()
+    for lineno, a, p, n, score in rows:
         if not a or not p:
             stats.empty_skipped += 1
             continue
-        score = float(r["score"]) if has_score and r.get("score") not in (None, "") else None
         if min_score is not None and score is not None and score < min_score:
             continue
-        n = str(r.get("hard_neg") or "").strip() if has_neg else ""
         if has_neg and not n:
-            has_neg = False  # a missing hard negative → train without any (never crash)
+            log.warning("%s:%s: no hard negative; training on this set without hard negatives", path, lineno)
+            has_neg = False
         anchors.append(a)
         positives.append(p)
         negatives.append(n)
         scores.append(score)
     stats.rows = len(anchors)
-    return LabeledData(anchors, positives, negatives if has_neg else None, scores if has_score else None, stats)
+    return LabeledData(anchors, positives, negatives if has_neg else None, scores if scored else None, stats)

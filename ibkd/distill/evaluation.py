@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .stsb import read_stsb
+
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: default chunk of corpus texts encoded and searched at a time in retrieval
@@ -274,28 +276,10 @@ def _require_file(path: PathLike, what: str) -> Path:
 
 
 def load_stsb(path: PathLike) -> STSData:
-    """Read an STS-B file (``sts-{train,dev,test}.csv``): tab-separated, no quoting, no header;
-    columns genre, file, year, id, score (0–5), sentence 1, sentence 2, then possibly extra fields
-    (ignored). Blank lines are skipped; a row with fewer than 7 fields or a non-numeric score is an
-    error naming the file and line."""
-    path = _require_file(path, "STS-B file")
-    sents1, sents2, scores = [], [], []
-    for line_no, line in enumerate(_read_lines(path), start=1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 7:
-            raise ValueError(f"{path}:{line_no}: expected at least 7 tab-separated fields, got {len(fields)}")
-        try:
-            score = float(fields[4])
-        except ValueError:
-            raise ValueError(f"{path}:{line_no}: score (column 5) is not a number: {fields[4]!r}") from None
-        sents1.append(fields[5])
-        sents2.append(fields[6])
-        scores.append(score)
-    if not scores:
-        raise ValueError(f"{path} contains no sentence pairs")
-    return STSData(sents1, sents2, scores)
+    """Read an STS-B file (``sts-{train,dev,test}.csv``) with :func:`ibkd.distill.stsb.read_stsb`: errors
+    name the file and line."""
+    pairs, scores = read_stsb(_require_file(path, "STS-B file"))
+    return STSData([a for a, _ in pairs], [b for _, b in pairs], scores)
 
 
 def load_senteval_sts(folder: PathLike) -> dict[str, STSData]:
