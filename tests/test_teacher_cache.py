@@ -4,6 +4,7 @@ import torch
 
 from ibkd.distill.data import DataError
 from ibkd.distill.models import Encoder, make_tiny_bert
+from ibkd.distill.integrity import IntegrityError
 from ibkd.distill.teacher_cache import build_teacher_cache, load_teacher_matrix, pca
 
 SENTS = [f"the {w} runs in the park" for w in "man woman child dog cat horse".split()] + ["a red car", "big tree"]
@@ -55,21 +56,74 @@ def test_key_changes_with_corpus_and_settings(teacher, tmp_path):
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 3
 
 
-@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
-def test_damaged_cache_is_rebuilt(teacher, tmp_path, damage):
+def _damage(path, how):
+    raw = bytearray(path.read_bytes())
+    if how == "truncate":
+        path.write_bytes(bytes(raw[:-4]))
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        raw[len(raw) // 2] ^= 0x01
+        path.write_bytes(bytes(raw))
+
+
+def _refused(teacher, tmp_path, file, message, **kw):
+    """The damaged cache is refused with one line naming the file and saying how to rebuild; deleting the
+    folder, as it says, rebuilds it."""
+    counting = Counting(teacher)
+    with pytest.raises(IntegrityError) as e:
+        build_teacher_cache(counting, SENTS, tmp_path, progress=False, **kw)
+    text = str(e.value)
+    assert "\n" not in text and str(file) in text and message in text, text
+    assert f"delete the cache folder {file.parent} and run again to rebuild it" in text
+    assert counting.rows == 0
+    import shutil
+
+    shutil.rmtree(file.parent)
+    rebuilt = build_teacher_cache(counting, SENTS, tmp_path, progress=False, **kw)
+    assert counting.rows == len(SENTS)
+    return rebuilt
+
+
+@pytest.mark.parametrize("damage,message", [("truncate", "is truncated"), ("corrupt", "is corrupted"),
+                                            ("empty", "is empty")])
+def test_damaged_cache_is_refused(teacher, tmp_path, damage, message):
     build_teacher_cache(teacher, SENTS, tmp_path, progress=False)
     (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    data = folder / "embeddings.f32"
-    raw = bytearray(data.read_bytes())
-    if damage == "truncate":
-        data.write_bytes(bytes(raw[:-4]))
-    else:
-        raw[5] ^= 0xFF
-        data.write_bytes(bytes(raw))
-    counting = Counting(teacher)
-    rebuilt = build_teacher_cache(counting, SENTS, tmp_path, progress=False)
-    assert counting.rows == len(SENTS)
+    _damage(folder / "embeddings.f32", damage)
+    rebuilt = _refused(teacher, tmp_path, folder / "embeddings.f32", message)
     torch.testing.assert_close(torch.from_numpy(np.array(rebuilt)), teacher.encode(SENTS))
+
+
+def test_unreadable_meta_is_refused(teacher, tmp_path):
+    build_teacher_cache(teacher, SENTS, tmp_path, progress=False)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    (folder / "meta.json").write_text('{"key_fields": {"vers')
+    _refused(teacher, tmp_path, folder / "meta.json", "is unreadable")
+
+
+@pytest.mark.parametrize("damage,message", [("truncate", "is truncated"), ("corrupt", "is corrupted")])
+def test_damaged_pca_is_refused(teacher, tmp_path, damage, message):
+    build_teacher_cache(teacher, SENTS, tmp_path, progress=False, pca_dim=4)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    _damage(folder / "pca4.npy", damage)
+    rebuilt = _refused(teacher, tmp_path, folder / "pca4.npy", message, pca_dim=4)
+    assert rebuilt.shape == (len(SENTS), 4)
+
+
+def test_pca_is_reused_and_recomputed_when_its_record_is_missing(teacher, tmp_path, monkeypatch):
+    first = np.array(build_teacher_cache(teacher, SENTS, tmp_path, progress=False, pca_dim=4))
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    import ibkd.distill.teacher_cache as tc
+
+    calls = []
+    real = tc.pca
+    monkeypatch.setattr(tc, "pca", lambda m, d: calls.append(d) or real(m, d))
+    assert np.array_equal(build_teacher_cache(teacher, SENTS, tmp_path, progress=False, pca_dim=4), first)
+    assert calls == []
+    (folder / "pca4.json").unlink()  # a writer killed between the projection and its record
+    assert np.array_equal(build_teacher_cache(teacher, SENTS, tmp_path, progress=False, pca_dim=4), first)
+    assert calls == [4] and (folder / "pca4.json").exists()
 
 
 def test_interrupted_build_resumes(teacher, tmp_path):
@@ -100,3 +154,19 @@ def test_user_matrices(tmp_path):
         load_teacher_matrix(tmp_path / "t.npy", 6)
     with pytest.raises(DataError, match="not found"):
         load_teacher_matrix(tmp_path / "x.npy", 5)
+
+
+def test_cache_written_before_sizes_were_recorded_is_still_used(teacher, tmp_path):
+    import json
+
+    build_teacher_cache(teacher, SENTS, tmp_path, progress=False)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["size"]
+    (folder / "meta.json").write_text(json.dumps(meta))
+    counting = Counting(teacher)
+    build_teacher_cache(counting, SENTS, tmp_path, progress=False)
+    assert counting.rows == 0
+    _damage(folder / "embeddings.f32", "truncate")
+    with pytest.raises(IntegrityError, match="is truncated"):
+        build_teacher_cache(counting, SENTS, tmp_path, progress=False)

@@ -5,12 +5,15 @@ pooling, normalisation, max length and the corpus hash. Files:
 
 * ``embeddings.f32`` — N × D float32, row-major, preallocated; filled in chunks;
 * ``progress.json`` — rows done so far (fsynced after each chunk), so an interrupted build continues;
-* ``meta.json`` — the key fields, N, D and the SHA-256 of the finished matrix; written last.
+* ``meta.json`` — the key fields, N, D and the SHA-256 and size of the finished matrix; written last;
+* ``pca<d>.npy`` + ``pca<d>.json`` — optional PCA of the matrix to ``d`` dims, and its SHA-256 and size.
 
-On load the meta must match the key, the file size must be N·D·4 bytes and the checksum must match;
-anything else (mismatch, truncation, corruption) is reported and the cache is rebuilt — never reused.
-Optional PCA to a smaller dim is cached beside it. :func:`load_teacher_matrix` reads user-provided
-``.pt``/``.npy`` matrices instead.
+A folder without ``meta.json`` is an unfinished build and is continued. Once finished, every read checks the
+files against their recorded size and SHA-256 (:mod:`ibkd.distill.integrity`): damage (flipped bits,
+truncation, an emptied file, an unreadable ``meta.json``) is an :class:`~ibkd.distill.integrity.IntegrityError`
+naming the file and saying that deleting the cache folder rebuilds it; it is never used, and never rebuilt
+behind the user's back (damage on a disk that held finished files is worth knowing about).
+:func:`load_teacher_matrix` reads user-provided ``.pt``/``.npy`` matrices instead.
 """
 
 from __future__ import annotations
@@ -26,18 +29,11 @@ import torch
 
 from ._io import atomic_write, atomic_write_text
 from .data import DataError, corpus_hash
+from .integrity import IntegrityError, check_file, file_record
 
 log = logging.getLogger("ibkd.distill.teacher_cache")
 
 CACHE_VERSION = 1
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_key(teacher_identity: dict, sentences: Sequence[str]) -> tuple[str, dict]:
@@ -47,24 +43,38 @@ def cache_key(teacher_identity: dict, sentences: Sequence[str]) -> tuple[str, di
     return key, fields
 
 
-def _valid_cache(folder: Path, fields: dict, dim: Optional[int] = None) -> Optional[str]:
-    """None when the finished cache in ``folder`` is usable, else the reason it is not."""
-    meta_path, data_path = folder / "meta.json", folder / "embeddings.f32"
-    if not meta_path.exists():
-        return "no meta.json (unfinished)"
+def _remedy(folder: Path) -> str:
+    return f"delete the cache folder {folder} and run again to rebuild it"
+
+
+def _read_json(path: Path, folder: Path) -> dict:
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
-        return "unreadable meta.json"
-    if meta.get("key_fields") != json.loads(json.dumps(fields)):
-        return "key mismatch (teacher, pooling, max length or corpus changed)"
-    expected = meta["rows"] * meta["dim"] * 4
-    if not data_path.exists() or data_path.stat().st_size != expected:
-        size = data_path.stat().st_size if data_path.exists() else 0
-        return f"embeddings file has {size} bytes, expected {expected} (truncated?)"
-    if meta.get("sha256") != _file_sha256(data_path):
-        return "checksum mismatch (corrupted)"
-    return None
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError
+        return meta
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise IntegrityError(f"teacher cache: {path} is unreadable: {_remedy(folder)}") from None
+
+
+def _finished_cache(folder: Path, fields: dict) -> Optional[dict]:
+    """The verified ``meta.json`` of the finished cache in ``folder``; None when the build is unfinished (no
+    ``meta.json``). Raises :class:`IntegrityError` when a finished cache is damaged."""
+    meta_path = folder / "meta.json"
+    if not meta_path.exists():
+        return None
+    meta = _read_json(meta_path, folder)
+    try:
+        if meta["key_fields"] != json.loads(json.dumps(fields)):
+            # The folder name is a hash of these fields: a mismatch means meta.json was altered.
+            raise IntegrityError(f"teacher cache: {meta_path} records another teacher or corpus than its folder "
+                                 f"name says: {_remedy(folder)}")
+        # Caches written before sizes were recorded: the size follows from the shape.
+        record = {"sha256": meta["sha256"], "size": meta.get("size", int(meta["rows"]) * int(meta["dim"]) * 4)}
+    except (KeyError, TypeError, ValueError):
+        raise IntegrityError(f"teacher cache: {meta_path} lacks the checksum fields: {_remedy(folder)}") from None
+    check_file(folder / "embeddings.f32", record, what="teacher cache", remedy=_remedy(folder))
+    return meta
 
 
 def build_teacher_cache(teacher, sentences: Sequence[str], cache_dir, *, batch_size: int = 128,
@@ -83,14 +93,10 @@ def build_teacher_cache(teacher, sentences: Sequence[str], cache_dir, *, batch_s
     data_path, progress_path, meta_path = folder / "embeddings.f32", folder / "progress.json", folder / "meta.json"
     n, dim = len(sentences), teacher.dim
 
-    reason = _valid_cache(folder, fields)
-    if reason is None:
+    meta = _finished_cache(folder, fields)
+    if meta is not None:
         log.info("teacher cache hit: %s", folder)
     else:
-        if meta_path.exists():  # a finished cache that fails the checks: rebuild from scratch
-            log.warning("teacher cache %s unusable (%s); rebuilding", folder, reason)
-            meta_path.unlink()
-            progress_path.unlink(missing_ok=True)
         done = 0
         if progress_path.exists() and data_path.exists() and data_path.stat().st_size == n * dim * 4:
             try:
@@ -122,27 +128,39 @@ def build_teacher_cache(teacher, sentences: Sequence[str], cache_dir, *, batch_s
         if bar is not None:
             bar.close()
         del matrix
-        atomic_write_text(meta_path, json.dumps({"key_fields": fields, "rows": n, "dim": dim,
-                                            "sha256": _file_sha256(data_path)}, indent=1))
+        meta = {"key_fields": fields, "rows": n, "dim": dim, **file_record(data_path)}
+        atomic_write_text(meta_path, json.dumps(meta, indent=1))
         progress_path.unlink(missing_ok=True)
     embeddings = np.memmap(data_path, dtype=np.float32, mode="r", shape=(n, dim))
     if pca_dim:
-        return pca_cached(embeddings, pca_dim, folder)
+        return pca_cached(embeddings, pca_dim, folder, source_sha256=meta["sha256"])
     return embeddings
 
 
-def pca_cached(matrix: np.ndarray, dim: int, folder: Path) -> np.ndarray:
-    """Project ``matrix`` onto its top-``dim`` principal components (centred), cached in ``folder``."""
+def pca_cached(matrix: np.ndarray, dim: int, folder: Path, *, source_sha256: Optional[str] = None) -> np.ndarray:
+    """Project ``matrix`` onto its top-``dim`` principal components (centred), cached in ``folder`` as
+    ``pca<dim>.npy`` with its checksum in ``pca<dim>.json``; ``source_sha256`` (the matrix's checksum) ties
+    the projection to the matrix it came from. A damaged projection is an :class:`IntegrityError`."""
     n, d = matrix.shape
     if not 0 < dim <= d:
         raise ValueError(f"pca_dim must be in 1..{d}, got {dim}")
-    path = folder / f"pca{dim}.npy"
-    if path.exists():
-        out = np.load(path, mmap_mode="r")
-        if out.shape == (n, dim):
-            return out
+    folder = Path(folder)
+    path, record_path = folder / f"pca{dim}.npy", folder / f"pca{dim}.json"
+    if record_path.exists():
+        record = _read_json(record_path, folder)
+        if "sha256" not in record or "size" not in record:
+            raise IntegrityError(f"teacher cache: {record_path} lacks the checksum fields: {_remedy(folder)}")
+        if record.get("source_sha256") == source_sha256 and record.get("shape") == [n, dim]:
+            check_file(path, record, what="teacher cache", remedy=_remedy(folder))
+            return np.load(path, mmap_mode="r")
+        log.info("teacher cache: %s was computed from another matrix; recomputing", path)
+    elif path.exists():
+        # The writer was killed between the projection and its record (or wrote no record): recompute.
+        log.info("teacher cache: %s has no checksum record; recomputing", path)
     reduced = pca(np.asarray(matrix), dim)
     atomic_write(path, lambda f: np.save(f, reduced))
+    atomic_write_text(record_path, json.dumps({"shape": [n, dim], "source_sha256": source_sha256,
+                                                **file_record(path)}, indent=1))
     return np.load(path, mmap_mode="r")
 
 
