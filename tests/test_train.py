@@ -1,14 +1,21 @@
+"""The distillation application on sentence-transformers' trainer: what it trains with, what it writes, and
+that it refuses to lose or mix work (NaN, a changed config on resume, corrupt checkpoints, a used folder)."""
+
 import json
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from ibkd.distill.data import DataError, LabeledData
+from ibkd.distill.callbacks import NonFiniteLossError
+from ibkd.distill.config import ConfigError, TrainConfig
+from ibkd.distill.inputs import distill_dataset, to_sentence_transformer
+from ibkd.distill.integrity import IntegrityError
 from ibkd.distill.models import Encoder, build_student, make_tiny_bert
-from ibkd.losses import IBKDLoss
-from ibkd.distill.trainer import (CHECKPOINT_NAME, ConfigError, DistillData, FinetuneData, NonFiniteLossError, TrainConfig, Trainer,
-                        build_loss)
+from ibkd.distill.run_folder import RunFolderError
+from ibkd.distill.trainer import build_loss, last_checkpoint, run
+from ibkd.losses import STAGE1_DEFAULTS, IBKDLoss, SupervisedIBKDLoss
 
 WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
 
@@ -19,197 +26,158 @@ def sentences(n, seed=0):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(make_tiny_bert(tmp_path_factory.mktemp("m") / "bert", num_layers=3, hidden_size=32, dropout=0.0))
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    make_tiny_bert(root / "teacher", num_layers=3, hidden_size=32, dropout=0.1)
+    make_tiny_bert(root / "teacher-no-dropout", num_layers=3, hidden_size=32, dropout=0.0)
+    (root / "corpus.txt").write_text("\n".join(dict.fromkeys(sentences(80))) + "\n")
+    rows = [f"main-captions\tMSRvid\t2012test\t{i:04d}\t{(i * 7) % 6:.1f}\t{a}\t{b}"
+            for i, (a, b) in enumerate(zip(sentences(40, 1), sentences(40, 2)))]
+    (root / "sts.csv").write_text("\n".join(rows) + "\n")
+    return root
 
 
-def distill_trainer(tiny, tmp_path, n=24, method="ibkd", **overrides):
-    settings = dict(output=str(tmp_path / "out"), batch_size=8, max_steps=3, progress=False, plot=False,
-                    method=method, dev=None, test=None)
-    cfg = TrainConfig(**{**settings, **overrides})
-    torch.manual_seed(0)
-    teacher_vectors = np.random.default_rng(1).normal(size=(n, 48)).astype(np.float32)
-    student = build_student(Encoder.load(tiny), layers=[0, 2])
-    return Trainer(cfg, student, build_loss(cfg, student.dim, 48), DistillData(sentences(n), teacher_vectors))
+def config(files, out, **overrides):
+    values = dict(teacher=str(files / "teacher"), student_layers="0,2", corpus=str(files / "corpus.txt"),
+                  per_device_train_batch_size=8, max_steps=3, save_steps=1, max_length=16, output_dir=str(out),
+                  seed=3, progress=False, plot=False, dev=None, test=None)
+    values.update(overrides)
+    return TrainConfig.from_dict(values)
 
 
-def grads(trainer):
-    return {n: p.grad.clone() for n, p in list(trainer.student.named_parameters()) + list(trainer.loss.named_parameters())
-            if p.grad is not None}
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 5])
-def test_grad_cache_equals_uncached_stage1(tiny, tmp_path, chunk):
-    results = {}
-    for name, c in (("plain", None), ("cached", chunk)):
-        trainer = distill_trainer(tiny, tmp_path / name, grad_cache_chunk=c)
-        groups, teacher = trainer.data.batch(np.arange(8))
-        res = trainer.forward_backward(groups, teacher)
-        results[name] = (res, grads(trainer))
-    (plain, g_plain), (cached, g_cached) = results["plain"], results["cached"]
-    assert plain.loss == pytest.approx(cached.loss, rel=1e-5)
-    assert g_plain.keys() == g_cached.keys() and len(g_plain) > 10
-    for k in g_plain:
-        torch.testing.assert_close(g_cached[k], g_plain[k], atol=1e-6, rtol=1e-4, msg=k)
-    assert set(plain.grad_norms) == {"infonce", "hsic"} and all(v > 0 for v in plain.grad_norms.values())
+def test_distill_exports_the_student_with_its_loss_state_card_and_log(files, tmp_path):
+    summary = run(config(files, tmp_path / "out", dev=str(files / "sts.csv"), test=str(files / "sts.csv")))
+    final = tmp_path / "out" / "final"
+    assert summary["steps"] == 3 and summary["student"] == str(final)
+    assert {"dev_spearman", "test_spearman"} <= set(summary)
+    for name in ("model.safetensors", "modules.json", "ibkd_projection.safetensors", "ibkd_checksums.json",
+                 "README.md"):
+        assert (final / name).is_file(), name
+    records = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss", "infonce", "hsic", "beta", "grad_norm_infonce", "grad_norm_hsic", "grad_ratio_hsic_infonce",
+                "lr", "sentences_per_s"):
+        assert all(np.isfinite(r[key]) for r in records), key
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    assert "learning_rate" in saved and "per_device_train_batch_size: 8" in saved
 
 
-def finetune_trainer(tiny, tmp_path, hard_negatives=True, **overrides):
-    cfg = TrainConfig(stage="finetune", output=str(tmp_path / "out"), batch_size=6, max_steps=2, progress=False,
-                      plot=False, dev=None, test=None, **overrides)
-    a, p, n = sentences(12, 1), sentences(12, 2), sentences(12, 3)
-    data = FinetuneData(LabeledData(a, p, n if hard_negatives else None))
-    torch.manual_seed(0)
-    student = Encoder.load(tiny)
-    return Trainer(cfg, student, build_loss(cfg, student.dim), data)
+def test_the_cli_trains_with_the_library_loss_and_its_defaults(files, tmp_path):
+    cfg = config(files, tmp_path / "out")
+    model = to_sentence_transformer(build_student(Encoder.load(str(files / "teacher")), layers=[0, 2]), "cpu")
+    loss = build_loss(cfg, model, 48)
+    assert type(loss.ibkd) is IBKDLoss
+    assert loss.ibkd.beta.auto == (STAGE1_DEFAULTS["beta"] == "auto")
+    assert float(loss.ibkd.infonce.temperature) == STAGE1_DEFAULTS["temperature"]
+    stage2 = build_loss(config(files, tmp_path / "o2", stage="finetune", train_file=str(files / "sts.csv")), model)
+    assert type(stage2.ibkd) is SupervisedIBKDLoss
 
 
-@pytest.mark.parametrize("hard_negatives", [True, False])
-def test_grad_cache_equals_uncached_stage2(tiny, tmp_path, hard_negatives):
-    out = []
-    for c in (None, 4):
-        trainer = finetune_trainer(tiny, tmp_path / str(c), hard_negatives, grad_cache_chunk=c)
-        assert trainer.hsic_layer == "penultimate" and trainer.groups == (3 if hard_negatives else 2)
-        groups, _ = trainer.data.batch(np.arange(6))
-        out.append((trainer.forward_backward(groups, None), grads(trainer)))
-    assert out[0][0].loss == pytest.approx(out[1][0].loss, rel=1e-5)
-    for k in out[0][1]:
-        torch.testing.assert_close(out[1][1][k], out[0][1][k], atol=1e-6, rtol=1e-4, msg=k)
+def test_teacher_vectors_are_the_label_column():
+    data = distill_dataset(["a b", "c d"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert data.column_names == ["sentence", "label"]
+    assert data[1]["label"] == [3.0, 4.0, 5.0]
 
 
-def test_stage2_without_hard_negatives_trains(tiny, tmp_path):
-    trainer = finetune_trainer(tiny, tmp_path, hard_negatives=False)
-    before = [p.detach().clone() for p in trainer.student.parameters()]
-    summary = trainer.fit()
+def test_grad_cache_trains_like_the_uncached_loss(files, tmp_path):
+    # without dropout: GradCache draws its masks per chunk, so only then are the two runs the same function
+    teacher = str(files / "teacher-no-dropout")
+    run(config(files, tmp_path / "plain", max_steps=2, teacher=teacher))
+    run(config(files, tmp_path / "cached", max_steps=2, grad_cache_chunk=3, teacher=teacher))
+    plain, cached = weights(tmp_path / "plain" / "final"), weights(tmp_path / "cached" / "final")
+    for k in plain:
+        torch.testing.assert_close(cached[k], plain[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method, terms", [("contrastive", {"infonce"}), ("mse", {"mse"})])
+def test_baselines_log_their_terms(files, tmp_path, method, terms):
+    run(config(files, tmp_path / "out", method=method, max_steps=2))
+    record = json.loads((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert terms <= set(record)
+
+
+def test_method_none_exports_the_initial_student(files, tmp_path):
+    summary = run(config(files, tmp_path / "out", method="none"))
+    assert summary["steps"] == 0 and (tmp_path / "out" / "final" / "model.safetensors").is_file()
+
+
+def test_finetune_on_labelled_pairs(files, tmp_path):
+    summary = run(config(files, tmp_path / "out", stage="finetune", train_file=str(files / "sts.csv"), max_steps=2))
     assert summary["steps"] == 2
-    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.student.parameters()))
-    assert (tmp_path / "out" / "final" / "ibkd_projection.safetensors").exists()
+    record = json.loads((tmp_path / "out" / "train_log.jsonl").read_text().splitlines()[-1])
+    assert {"infonce", "hsic", "beta"} <= set(record)
 
 
-@pytest.mark.parametrize("method,terms", [("ibkd", {"infonce", "hsic"}), ("contrastive", {"infonce"}), ("mse", {"mse"})])
-def test_methods_log_their_terms(tiny, tmp_path, method, terms):
-    trainer = distill_trainer(tiny, tmp_path, method=method, plot=True)
-    trainer.fit()
-    rows = [json.loads(l) for l in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    assert terms <= set(rows[0]) and {f"grad_norm_{t}" for t in terms} <= set(rows[0])
-    assert all(r["lr"] >= 0 and r["sentences_per_s"] > 0 for r in rows)
-    assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 1000
+def _nan_at_call(monkeypatch, call, term, value):
+    real, calls = IBKDLoss.forward, {"n": 0}
 
-
-def test_learning_rate_schedule(tiny, tmp_path):
-    trainer = distill_trainer(tiny, tmp_path, max_steps=10, warmup_ratio=0.3, lr=1e-3)
-    lrs = []
-    for _ in range(10):
-        lrs.append(trainer.optimizer.param_groups[0]["lr"])
-        trainer.scheduler.step()
-    assert lrs[0] < lrs[1] < lrs[2] <= 1e-3 and lrs[3] == pytest.approx(1e-3)
-    assert all(a > b for a, b in zip(lrs[3:], lrs[4:])) and lrs[-1] > 0
-
-
-@pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_amp_steps(tiny, tmp_path, amp):
-    trainer = distill_trainer(tiny, tmp_path, amp=amp, max_steps=2)
-    assert trainer.scaler.is_enabled() == (amp == "fp16")
-    summary = trainer.fit()
-    assert summary["steps"] == 2
-
-
-def test_grad_accumulation_averages_micro_batches(tiny, tmp_path):
-    accum = distill_trainer(tiny, tmp_path / "a", grad_accum=2)
-    accum.optimizer.step = lambda *a, **k: None  # keep the weights, inspect the accumulated gradient
-    accum.train_step()
-    g_accum = grads(accum)
-    single = distill_trainer(tiny, tmp_path / "s")
-    for position in (0, 1):
-        groups, teacher = single.data.batch(single.batches.indices(0, position))
-        single.forward_backward(groups, teacher, loss_scale=0.5)
-    for k, v in grads(single).items():
-        torch.testing.assert_close(g_accum[k], v, msg=k)
-
-
-def test_nan_loss_stops_and_keeps_checkpoint(tiny, tmp_path):
-    trainer = distill_trainer(tiny, tmp_path, max_steps=4, save_steps=1)
-    real_forward = trainer.loss.forward
-    calls = {"n": 0}
-
-    def sometimes_nan(s, t, x):
-        calls["n"] += 1
-        out = real_forward(s, t, x)
-        if calls["n"] == 3:
-            out["hsic"] = out["hsic"] * float("nan")
+    def forward(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == call:
+                out = dict(out, **{term: out[term] * value, "loss": out["loss"] * value})
         return out
 
-    trainer.loss.forward = sometimes_nan
-    with pytest.raises(NonFiniteLossError, match="non-finite hsic loss at step 3"):
-        trainer.fit()
-    state = torch.load(tmp_path / "out" / CHECKPOINT_NAME, weights_only=False)
-    assert state["step"] == 2
-    for k, v in state["student"].items():
-        assert torch.isfinite(v.float()).all(), k
+    monkeypatch.setattr(IBKDLoss, "forward", forward)
 
 
-def test_nan_skip_policy(tiny, tmp_path):
-    trainer = distill_trainer(tiny, tmp_path, max_steps=3, nan_policy="skip")
-    real_forward, calls = trainer.loss.forward, {"n": 0}
-
-    def once_nan(s, t, x):
-        calls["n"] += 1
-        out = real_forward(s, t, x)
-        if calls["n"] == 2:
-            out["infonce"] = out["infonce"] + float("inf")
-        return out
-
-    trainer.loss.forward = once_nan
-    summary = trainer.fit()
-    assert summary == {**summary, "steps": 3, "nan_skips": 1}
+def test_nan_stop_names_the_step_and_keeps_finite_checkpoints(files, tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, 3, "hsic", float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"non-finite hsic loss at step 3; the last good checkpoint is .*checkpoint-2"):
+        run(config(files, tmp_path / "out", max_steps=4))
+    good = last_checkpoint(tmp_path / "out")
+    assert good.name == "checkpoint-2"
+    assert all(torch.isfinite(v).all() for v in weights(good).values())
 
 
-def test_corpus_smaller_than_a_batch(tiny, tmp_path):
-    with pytest.raises(DataError, match="fewer than one batch"):
-        distill_trainer(tiny, tmp_path, n=5)
+def test_nan_skip_leaves_the_weights_of_the_skipped_step(files, tmp_path, monkeypatch):
+    _nan_at_call(monkeypatch, 2, "infonce", float("inf"))
+    summary = run(config(files, tmp_path / "out", max_steps=3, nan_policy="skip", save_total_limit=None))
+    assert summary["nan_skips"] == 1 and summary["steps"] == 3
+    before, after = weights(tmp_path / "out" / "checkpoint-1"), weights(tmp_path / "out" / "checkpoint-2")
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_config_validation():
-    with pytest.raises(ConfigError, match="unknown config key"):
-        TrainConfig.from_dict({"learning_rate": 1})
-    with pytest.raises(ConfigError, match="amp"):
-        TrainConfig.from_dict({"amp": "fp8"})
-    with pytest.raises(ConfigError, match="mse"):
-        TrainConfig.from_dict({"stage": "finetune", "method": "mse"})
-    cfg = TrainConfig.from_dict({"stage": "finetune", "method": "contrastive"})
-    assert cfg.stage_defaults() == {"temperature": 0.05, "beta": 0.0, "gamma": 0.1, "projection_dim": 128,
-                                    "hsic_layer": "penultimate"}
-    assert TrainConfig().stage_defaults()["beta"] == "auto"
+def test_a_folder_with_a_previous_run_is_refused_unless_overwritten(files, tmp_path):
+    run(config(files, tmp_path / "out", max_steps=1))
+    with pytest.raises(RunFolderError, match="holds a previous run"):
+        run(config(files, tmp_path / "out", max_steps=1))
+    run(config(files, tmp_path / "out", max_steps=1, overwrite_output_dir=True))
 
 
-def test_the_cli_trains_with_the_library_loss_and_its_defaults():
-    cfg = TrainConfig.from_dict({})
-    loss = build_loss(cfg, 16, 16)
-    assert type(loss) is IBKDLoss
-    default = IBKDLoss(16, 16)
-    assert loss.beta.auto and default.beta.auto and loss.beta.target_ratio == default.beta.target_ratio
-    assert loss.normalize_hsic_inputs == default.normalize_hsic_inputs
-    assert loss.hsic.gamma == default.hsic.gamma and float(loss.infonce.temperature) == float(default.infonce.temperature)
-    s = torch.randn(4, 16)
-    torch.testing.assert_close(loss.projection(s), s)  # identity start, as the library's default
-    random_p = build_loss(TrainConfig.from_dict({"projection_init": "random"}), 16, 16)
-    assert not torch.allclose(random_p.projection(s), s)
-    with pytest.raises(ConfigError, match="projection_init"):
-        TrainConfig.from_dict({"projection_init": "zeros"})
-    # the old key name still reads, a bad beta is one line
-    assert TrainConfig.from_dict({"hsic_normalize": False}).normalize_hsic_inputs is False
-    with pytest.raises(ConfigError, match="beta must be a non-negative number or 'auto'"):
-        TrainConfig.from_dict({"beta": "sometimes"})
-    assert build_loss(TrainConfig.from_dict({"beta": 3}), 16, 16).beta.current() == 3.0
+def test_resume_refuses_a_changed_config_unless_allowed(files, tmp_path):
+    run(config(files, tmp_path / "out", max_steps=2))
+    with pytest.raises(ConfigError, match=r"learning_rate \(0\.0001 -> 0\.0002\)"):
+        run(config(files, tmp_path / "out", max_steps=2, resume=True, learning_rate=2e-4))
+    with pytest.raises(ConfigError, match="per_device_train_batch_size"):
+        run(config(files, tmp_path / "out", max_steps=2, resume=True, per_device_train_batch_size=4))
+    run(config(files, tmp_path / "out", max_steps=3, resume=True, allow_config_change=["max_steps"]))
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 3
 
 
-def test_data_dir_comes_from_ibkd_data_dir(tmp_path):
-    import os
-    import subprocess
-    import sys
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_a_damaged_checkpoint_is_named_not_used(files, tmp_path, damage):
+    run(config(files, tmp_path / "out", max_steps=2, save_total_limit=None))
+    target = tmp_path / "out" / "checkpoint-2" / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x10
+    target.write_bytes(bytes(data[: len(data) // 2] if damage == "truncate" else b"" if damage == "empty" else data))
+    with pytest.raises(IntegrityError, match=r"checkpoint-2.*model\.safetensors"):
+        run(config(files, tmp_path / "out", max_steps=3, resume=True, allow_config_change=["max_steps"]))
 
-    code = "from ibkd.distill.trainer import TrainConfig; print(TrainConfig().data_dir)"
-    env = {**os.environ, "IBKD_DATA_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=tmp_path)
-    assert out.stdout.strip() == str(tmp_path.resolve())
+
+def test_an_unfinished_checkpoint_is_skipped_for_the_previous_one(files, tmp_path):
+    run(config(files, tmp_path / "out", max_steps=2, save_total_limit=None))
+    (tmp_path / "out" / "checkpoint-2" / "ibkd_checksums.json").unlink()  # as if killed while writing it
+    assert last_checkpoint(tmp_path / "out").name == "checkpoint-1"
+
+
+def test_evaluation_during_training_exports_the_best_dev_checkpoint(files, tmp_path):
+    summary = run(config(files, tmp_path / "out", max_steps=2, eval_steps=1, dev=str(files / "sts.csv")))
+    assert summary["best_checkpoint"] is not None and "dev_spearman" in summary

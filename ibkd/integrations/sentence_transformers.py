@@ -136,6 +136,7 @@ class _IBKDSentenceLoss(nn.Module):
         _backbone_config(model)  # fail at construction, not at the first step
         self.input_layer = input_layer
         self._config = config
+        self.last_output: dict[str, Tensor] = {}
 
     def embed(self, column: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """(sentence embedding, x) of one column; x only when the objective needs it."""
@@ -148,7 +149,13 @@ class _IBKDSentenceLoss(nn.Module):
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
         features = list(sentence_features)
         self._check_inputs(features, labels)
-        return self._components(self._objective([self.embed(column) for column in features], labels))
+        return self._components(self._remember(self._objective([self.embed(column) for column in features], labels)))
+
+    def _remember(self, out: dict) -> dict:
+        """Keeps the objective's detached output (unweighted terms, β, gradient norms) as ``last_output``:
+        a trainer logs it per step, the summed components alone hide β and the raw HSIC."""
+        self.last_output = {k: v.detach() for k, v in out.items() if isinstance(v, Tensor)}
+        return out
 
     def _check_inputs(self, features: list, labels: Optional[Tensor]) -> None:
         raise NotImplementedError
@@ -372,7 +379,7 @@ class IBKDSupervisedLoss(_IBKDSentenceLoss):
         features = list(sentence_features)
         self._check_inputs(features, labels)
         embedded = [self.embed(column, anchor=i == 0) for i, column in enumerate(features)]
-        return self._components(self._objective(embedded, labels))
+        return self._components(self._remember(self._objective(embedded, labels)))
 
     def _check_inputs(self, features: list, labels: Optional[Tensor]) -> None:
         if len(features) < 2:
@@ -452,7 +459,7 @@ class _GradCacheMixin:
                 embedded.append((s.detach().requires_grad_(), None if x is None else x.detach().requires_grad_()))
                 chunks.append(col_chunks)
                 snapshots.append(col_snaps)
-        out = self._objective(embedded, labels)
+        out = self._remember(self._objective(embedded, labels))
         leaves = [t for pair in embedded for t in pair if t is not None]
         if out["loss"].requires_grad and torch.is_grad_enabled():
             torch.autograd.graph.register_multi_grad_hook(
