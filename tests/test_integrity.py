@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 
@@ -105,15 +106,22 @@ def test_damaged_newest_checkpoint_is_refused_not_skipped(tmp_path):
     message = _one_line(e)
     assert "model.safetensors is empty" in message
     assert f"delete {newest} to resume from the previous checkpoint (checkpoint-9)" in message
-    # an unsealed newest checkpoint (killed while saving) is refused the same way
-    (newest / MANIFEST).unlink()
-    with pytest.raises(IntegrityError, match="has no checksums.*checkpoint-9"):
-        newest_valid_checkpoint(tmp_path)
-    # after the user deletes it, the previous one is used
-    import shutil
-
-    shutil.rmtree(newest)
+    shutil.rmtree(newest)  # as the message says: the previous one is used
     assert newest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-9"
+
+
+def test_unsealed_newest_checkpoint_is_skipped_with_a_warning(tmp_path, caplog):
+    _checkpoint(tmp_path / "checkpoint-9")
+    unsealed = _checkpoint(tmp_path / "checkpoint-10")
+    (unsealed / MANIFEST).unlink()  # the run was killed while saving it: the manifest is written last
+    with caplog.at_level("WARNING", logger="ibkd.distill.integrity"):
+        assert newest_valid_checkpoint(tmp_path) == tmp_path / "checkpoint-9"
+    assert f"{unsealed} has no checksums" in caplog.text and "using the checkpoint before it" in caplog.text
+    (tmp_path / "checkpoint-9" / "model.safetensors").write_bytes(b"w")  # the fallback is verified too
+    with pytest.raises(IntegrityError, match=r"checkpoint-9/model\.safetensors is truncated.*to start from scratch"):
+        newest_valid_checkpoint(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoint-9")
+    assert newest_valid_checkpoint(tmp_path) is None
 
 
 def test_single_damaged_checkpoint_says_start_from_scratch(tmp_path):

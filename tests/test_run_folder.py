@@ -130,19 +130,20 @@ def test_overwrite_removes_the_previous_run_only(tmp_path):
 
 def test_resume(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(RunFolderError, match=r"--resume: .* has no checkpoint-<step> folder to resume from "
-                                             r"\(it holds no run\): drop --resume"):
+    with pytest.raises(RunFolderError) as e:
         claim_output_dir(out, resume=True, overwrite=False)
-    (out / "final").mkdir()
-    with pytest.raises(RunFolderError, match=r"\(it holds only final\)"):
-        claim_output_dir(out, resume=True, overwrite=False)
+    assert str(e.value) == f"--resume: {out} holds no run to resume: drop --resume to start one"
+    (out / "config.yaml").write_text("seed: 1\n")  # a run stopped before its first checkpoint: step 0 again
+    with claim_output_dir(out, resume=True, overwrite=False) as lock:
+        assert lock.resume_from is None
     for step in (5, 10):
         (out / f"checkpoint-{step}").mkdir()
         (out / f"checkpoint-{step}" / "model.safetensors").write_bytes(b"m" * 64)
         write_checksums(out / f"checkpoint-{step}")
+    (out / "final").mkdir()
     with claim_output_dir(out, resume=True, overwrite=False) as lock:
         assert lock.resume_from == out / "checkpoint-10"
-        assert (out / "final").exists()  # resume keeps everything
+        assert (out / "final").exists() and (out / "config.yaml").exists()  # resume keeps everything
     (out / "checkpoint-10" / "model.safetensors").write_bytes(b"m" * 10)
     with pytest.raises(IntegrityError, match=r"model\.safetensors is truncated.*previous checkpoint \(checkpoint-5\)"):
         claim_output_dir(out, resume=True, overwrite=False)

@@ -6,18 +6,21 @@ file in it and is written last, atomically, so its presence means the folder was
 bits, truncation, an emptied or deleted file, a missing or unreadable manifest) is reported as one
 :class:`IntegrityError` line naming the file and what to do, never silently used and never a traceback from
 deep inside a loader. :func:`newest_valid_checkpoint` applies this to the ``checkpoint-<step>`` folders that
-Hugging Face's Trainer writes.
+Hugging Face's Trainer writes (a folder without a manifest there is one the run was killed while saving).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Optional
 
 from ._io import atomic_write_text, is_leftover
+
+log = logging.getLogger("ibkd.distill.integrity")
 
 MANIFEST = "ibkd_checksums.json"
 #: the folder names Hugging Face's Trainer gives its checkpoints (``transformers.trainer_utils``)
@@ -121,19 +124,26 @@ def checkpoints(output_dir) -> list[Path]:
 
 
 def newest_valid_checkpoint(output_dir) -> Optional[Path]:
-    """The newest ``checkpoint-<step>`` folder of ``output_dir`` after verifying it; None when there is none.
+    """The newest complete ``checkpoint-<step>`` folder of ``output_dir``, verified; None when there is none.
 
-    A damaged newest checkpoint is an error, not a reason to quietly train on from an older one (that
-    would repeat steps the user believes are done): the message names the file and says to delete the
-    checkpoint to fall back to the previous one."""
+    A checkpoint without a manifest was being written when the run was stopped (the manifest is written
+    last): the run is continued from the one before it, with a warning naming the skipped folder, as that is
+    the crash ``--resume`` exists for. A checkpoint whose manifest is present but whose files do not match
+    it is damaged: that is an :class:`IntegrityError`, never a quiet fall back to an older checkpoint
+    (that would repeat steps the user believes are done); the message names the file and says to delete
+    the checkpoint to fall back to the previous one."""
     found = checkpoints(output_dir)
-    if not found:
-        return None
-    newest = found[-1]
-    if len(found) > 1:
-        remedy = (f"delete {newest} to resume from the previous checkpoint ({found[-2].name}), or start over "
-                  f"with --overwrite_output_dir")
-    else:
-        remedy = f"delete {newest} to start from scratch, or start over with --overwrite_output_dir"
-    verify_checksums(newest, what="checkpoint", remedy=remedy)
-    return newest
+    for i in range(len(found) - 1, -1, -1):
+        folder = found[i]
+        if not (folder / MANIFEST).exists():
+            log.warning("%s has no checksums (%s): it was not completely written (the run stopped while saving "
+                        "it); using the checkpoint before it", folder, MANIFEST)
+            continue
+        if i:
+            remedy = (f"delete {folder} to resume from the previous checkpoint ({found[i - 1].name}), or start "
+                      f"over with --overwrite_output_dir")
+        else:
+            remedy = f"delete {folder} to start from scratch, or start over with --overwrite_output_dir"
+        verify_checksums(folder, what="checkpoint", remedy=remedy)
+        return folder
+    return None

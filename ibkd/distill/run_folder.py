@@ -8,7 +8,8 @@
   exits, however it exits, so a killed run never blocks the next);
 * a folder holding a previous run is refused unless the user says what to do with it: ``overwrite``
   removes that run's artifacts (only those: other files, and a ``teacher_cache/`` whose content is
-  verified on every read, stay), ``resume`` continues it from its newest checkpoint, verified;
+  verified on every read, stay), ``resume`` continues it from its newest complete checkpoint, verified
+  (:func:`~ibkd.distill.integrity.newest_valid_checkpoint`);
 * staging files left by killed writers are removed.
 """
 
@@ -44,7 +45,7 @@ class RunFolderError(ValueError):
 class RunLock:
     """The claim on an output folder: holds the lock until :meth:`release` (or the end of a ``with`` block,
     or the process). ``resume_from`` is the verified checkpoint to resume from when the claim was made
-    with ``resume=True``."""
+    with ``resume=True`` (None: the run stopped before its first checkpoint, so it starts again at step 0)."""
 
     def __init__(self, path: Path, fd: int, resume_from: Optional[Path] = None):
         self.path, self._fd, self.resume_from = path, fd, resume_from
@@ -162,8 +163,8 @@ def claim_output_dir(path, *, resume: bool, overwrite: bool) -> RunLock:
     """Create ``path`` if needed and claim it for this run (see the module docstring).
 
     Raises :class:`RunFolderError` (one line) when another run holds the folder, when it holds a previous
-    run and neither ``resume`` nor ``overwrite`` is given, when ``resume`` finds no checkpoint, or when both
-    are given; :class:`ibkd.distill.integrity.IntegrityError` when the checkpoint to resume from is damaged.
+    run and neither ``resume`` nor ``overwrite`` is given, when ``resume`` finds no run, or when both are
+    given; :class:`ibkd.distill.integrity.IntegrityError` when the checkpoint to resume from is damaged.
     """
     if resume and overwrite:
         raise RunFolderError("--resume continues the run in the output folder and --overwrite_output_dir "
@@ -178,12 +179,9 @@ def claim_output_dir(path, *, resume: bool, overwrite: bool) -> RunLock:
         clean_leftovers(path)
         found = previous_run(path)
         if resume:
+            if not found:
+                raise RunFolderError(f"--resume: {path} holds no run to resume: drop --resume to start one")
             lock.resume_from = newest_valid_checkpoint(path)
-            if lock.resume_from is None:
-                holds = f"it holds only {', '.join(found)}" if found else "it holds no run"
-                raise RunFolderError(f"--resume: {path} has no checkpoint-<step> folder to resume from ({holds}): "
-                                     f"drop --resume to start a new run (with --overwrite_output_dir if the "
-                                     f"folder holds one)")
         elif found and not overwrite:
             raise RunFolderError(f"{path} holds a previous run: pass --overwrite_output_dir to replace it or "
                                  f"--resume to continue it")
