@@ -118,7 +118,7 @@ def test_overwrite_removes_the_previous_run_only(tmp_path):
     for name in ("checkpoint-10", "checkpoint-20", "best", "final", "runs", "eval"):
         (out / name).mkdir(parents=True)
         (out / name / "weights.bin").write_bytes(b"w")
-    for name in ("train_log.jsonl", "config.yaml", "summary.json", "notes.txt"):
+    for name in ("train_log.jsonl", "config.yaml", "summary.json", "loss_curves.png", "notes.txt"):
         (out / name).write_text("x")
     (out / "teacher_cache" / "abc").mkdir(parents=True)
     (out / "teacher_cache" / "abc" / "embeddings.f32").write_bytes(b"e")

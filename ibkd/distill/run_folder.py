@@ -31,7 +31,7 @@ from .integrity import CHECKPOINT_RE, newest_valid_checkpoint
 LOCK_NAME = ".ibkd.lock"
 #: names a run writes at the top of its output folder (``checkpoint-<step>`` folders are matched apart):
 #: their presence means the folder holds a run, and ``overwrite`` removes exactly these.
-RUN_ARTIFACTS = ("final", "best", "train_log.jsonl", "config.yaml", "summary.json",
+RUN_ARTIFACTS = ("final", "best", "train_log.jsonl", "config.yaml", "summary.json", "loss_curves.png",
                  "runs",  # TensorBoard's default logging_dir under Hugging Face's Trainer
                  "eval")  # where sentence-transformers' trainer has its evaluators write their CSVs
 #: kept by ``overwrite``: content-addressed and checksummed, so reusing it is safe and saves the teacher pass
