@@ -54,6 +54,13 @@ assert (where.parent / "kernels" / "infonce.py").is_file()
 ibkd_cmd = str(Path(sys.executable).parent / "ibkd")  # the console script of this venv
 out = subprocess.run([ibkd_cmd, "distill", "--help"], capture_output=True, text=True)
 assert out.returncode == 0 and "--config" in out.stdout, out.stderr
+# flags generated from TrainConfig, with their defaults; cache-teacher lists only its own
+assert "--learning_rate X" in out.stdout and "(default: 0.0001; also --lr)" in " ".join(out.stdout.split()), out.stdout
+out = subprocess.run([ibkd_cmd, "cache-teacher", "--help"], capture_output=True, text=True)
+assert out.returncode == 0 and "--teacher_batch_size" in out.stdout and "--learning_rate" not in out.stdout, out.stdout
+# a refusal needs no extra: one line, exit 2
+out = subprocess.run([sys.executable, "-m", "ibkd", "distill", "--max-steps", "0"], capture_output=True, text=True)
+assert out.returncode == 2 and out.stderr.strip() == "ibkd: error: max_steps must be a positive integer, got 0", out.stderr
 # without the [train] extra: one line naming it, no traceback
 out = subprocess.run([ibkd_cmd, "distill", "--config", "main-minilm-2layer"], capture_output=True, text=True)
 err = out.stderr.strip()
