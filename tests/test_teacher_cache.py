@@ -135,6 +135,19 @@ def test_interrupted_build_resumes(teacher, tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.array(out)), teacher.encode(SENTS))
 
 
+def test_leftovers_of_killed_writers_are_removed(teacher, tmp_path):
+    import subprocess
+    import sys
+
+    build_teacher_cache(teacher, SENTS, tmp_path, progress=False)
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / f".pca4.npy.tmp-{dead.pid}").write_bytes(b"partial")
+    build_teacher_cache(teacher, SENTS, tmp_path, progress=False)
+    assert sorted(p.name for p in folder.iterdir()) == ["embeddings.f32", "meta.json"]
+
+
 def test_pca(teacher, tmp_path):
     reduced = build_teacher_cache(teacher, SENTS, tmp_path, progress=False, pca_dim=4)
     assert reduced.shape == (len(SENTS), 4)

@@ -135,3 +135,36 @@ def fsync_dir(folder) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def clean_leftovers(path) -> list[Path]:
+    """Remove the staging files and folders (:func:`is_leftover`) that killed writers left below ``path``;
+    those whose writer is still running here (another process, e.g. one filling a shared teacher cache) are
+    kept. Returns what was removed."""
+    path = Path(path)
+    removed = []
+    for folder, dirs, files in os.walk(path):
+        for name in list(dirs) + files:
+            if not is_leftover(name):
+                continue
+            pid = writer_pid(name)
+            if pid is not None and pid != os.getpid() and _alive(pid):
+                continue
+            target = Path(folder) / name
+            if name in dirs:
+                dirs.remove(name)
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+            removed.append(target)
+    return removed

@@ -25,7 +25,7 @@ import socket
 from pathlib import Path
 from typing import Optional
 
-from ._io import fsync_dir, is_leftover, staging_name, writer_pid
+from ._io import clean_leftovers, fsync_dir, staging_name
 from .integrity import CHECKPOINT_RE, newest_valid_checkpoint
 
 LOCK_NAME = ".ibkd.lock"
@@ -124,39 +124,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(aside)
     else:
         aside.unlink()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by someone else
-        return True
-    return True
-
-
-def clean_leftovers(path) -> list[Path]:
-    """Remove the staging files and folders that killed writers left below ``path`` (see
-    :mod:`ibkd.distill._io`); those whose writer is still running (another process, e.g. one filling a
-    shared teacher cache) are kept. Returns what was removed."""
-    path = Path(path)
-    removed = []
-    for folder, dirs, files in os.walk(path):
-        for name in list(dirs) + files:
-            if not is_leftover(name):
-                continue
-            pid = writer_pid(name)
-            if pid is not None and pid != os.getpid() and _alive(pid):
-                continue
-            target = Path(folder) / name
-            if name in dirs:
-                dirs.remove(name)
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                target.unlink(missing_ok=True)
-            removed.append(target)
-    return removed
 
 
 def claim_output_dir(path, *, resume: bool, overwrite: bool) -> RunLock:

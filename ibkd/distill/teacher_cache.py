@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ._io import atomic_write, atomic_write_text
+from ._io import atomic_write, atomic_write_text, clean_leftovers
 from .data import DataError, corpus_hash
 from .integrity import IntegrityError, check_file, file_record
 
@@ -90,6 +90,7 @@ def build_teacher_cache(teacher, sentences: Sequence[str], cache_dir, *, batch_s
     key, fields = cache_key(teacher.identity(), sentences)
     folder = Path(cache_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(folder)  # a cache_dir outside the output folder is not cleaned when the run claims it
     data_path, progress_path, meta_path = folder / "embeddings.f32", folder / "progress.json", folder / "meta.json"
     n, dim = len(sentences), teacher.dim
 
