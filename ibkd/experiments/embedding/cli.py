@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from ...distill.errors import run_reporting_errors
 from ...distill.embedding_table import (ACTIVATIONS, EmbeddingConfigError, activation_fn, check_positive_int,
                                         save_small_table)
 from .compare import DEFAULT_SEEDS, DEFAULT_SIZES, compare_embeddings, load_teacher_table, render_markdown, stsb_paths
@@ -130,11 +131,7 @@ def _run(args) -> int:
 
 def run_cli(args: argparse.Namespace) -> int:
     """``ibkd compress-embeddings``: bad input is one line on stderr and exit code 2."""
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as exc:  # EmbeddingConfigError, DataError and the readers' errors
-        print(f"ibkd: error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting_errors("compress-embeddings", lambda: _run(args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -26,15 +26,13 @@ from .._machine import cpu_name
 from ...distill.config import DATA_DIR_ENV, default_data_dir
 from ...distill.embedding_table import EmbeddingConfigError, check_positive_int, jsonable
 from ...distill.models import Encoder
+from ...distill.stsb import STSB_SPLITS, stsb_path
 from .model import PathLike, mean_pool_ids, spearman100
 from .train import (DEFAULT_LR_GRID, METHODS, EmbeddingTaskConfig, check_lr_grid, prepare, resolve_device,
                     select_lr_prepared, train_frozen_teacher)
 
 DEFAULT_SIZES = (32, 64, 128)
 DEFAULT_SEEDS = (0, 1, 2)
-# where the STS-B splits sit under the data folder (the layout of the shared data)
-STSB_FILES = {"train": "sts/stsbenchmark/sts-train.csv", "dev": "sts/stsbenchmark/sts-dev.csv",
-              "test": "sts/stsbenchmark/sts-test.csv"}
 
 
 def load_teacher_table(teacher_spec: str):
@@ -47,22 +45,24 @@ def load_teacher_table(teacher_spec: str):
 
 def stsb_paths(data_dir: Optional[PathLike] = None, train: Optional[PathLike] = None,
                dev: Optional[PathLike] = None, test: Optional[PathLike] = None) -> dict:
-    """The STS-B train/dev/test files: explicit paths win, else ``<data_dir>/sts/stsbenchmark/`` with
-    ``data_dir`` from the argument or ``$IBKD_DATA_DIR``. A missing file is an error naming the flag
-    (and the variable) that pointed at it."""
+    """The STS-B train/dev/test files: explicit paths win, else the benchmark's files under the data folder
+    (:func:`ibkd.distill.stsb.stsb_path`) given by ``data_dir`` or ``$IBKD_DATA_DIR``. A missing file is an
+    error naming the flag (and the variable) that pointed at it."""
     root = data_dir or default_data_dir()
     paths = {}
-    for split, given in (("train", train), ("dev", dev), ("test", test)):
+    for split, given in zip(STSB_SPLITS, (train, dev, test)):
         if given:
             path = Path(os.path.expanduser(str(given)))
         elif root:
-            path = Path(os.path.expanduser(str(root))) / STSB_FILES[split]
+            path = stsb_path(root, split)
         else:
             raise FileNotFoundError(f"STS-B {split} file: give --{split}, or the data folder with --data_dir "
                                     f"or ${DATA_DIR_ENV}")
+        if not path.is_file() and given:
+            raise FileNotFoundError(f"--{split}: STS-B {split} file not found: {path}")
         if not path.is_file():
-            argument = f"--{split}" if given else ("--data_dir" if data_dir else f"${DATA_DIR_ENV}")
-            raise FileNotFoundError(f"{argument}: STS-B {split} file not found: {path}")
+            raise FileNotFoundError(f"STS-B {split} file not found: {path} (under the data folder given by "
+                                    f"--data_dir or ${DATA_DIR_ENV})")
         paths[split] = str(path)
     return paths
 
