@@ -113,8 +113,9 @@ def _csv_records(path: Path, delimiter: str) -> Iterator[tuple[int, list]]:
         except StopIteration:
             return
         except csv.Error as exc:
-            raise DataError(f"{path}:{start}: malformed {'tsv' if delimiter == chr(9) else 'csv'} ({exc}); a field "
-                            f"that starts with a double quote must end with one, and inner quotes are doubled") from None
+            kind = "tsv" if delimiter == "\t" else "csv"
+            raise DataError(f"{path}:{start}: malformed {kind} ({exc}); a field that starts with a double quote "
+                            f"must end with one, and inner quotes are doubled") from None
         yield start, record
         start = reader.line_num + 1
 
@@ -264,8 +265,9 @@ def _labeled_rows(path: Path) -> Iterator[tuple[Optional[int], Optional[dict]]]:
     header = list(header)
     for names in (_ANCHOR, _POSITIVE):
         if not any(n in header for n in names):
-            raise DataError(f"{path}:{header_line}: the header ({', '.join(header) or 'empty'}) has no {' or '.join(names)} "
-                            f"column; stage-2 data needs a header sent0,sent1[,hard_neg][,score], or STS-B rows")
+            raise DataError(f"{path}:{header_line}: the header ({', '.join(header) or 'empty'}) has no "
+                            f"{' or '.join(names)} column; stage-2 data needs a header sent0,sent1[,hard_neg][,score], "
+                            f"or STS-B rows")
     yield from rows
 
 
@@ -273,7 +275,7 @@ def _score(value, path: Path, lineno: Optional[int]) -> Optional[float]:
     if value is None or value == "":
         return None
     try:
-        score = float(value)
+        score = math.nan if isinstance(value, bool) else float(value)  # JSON true is no score
     except (TypeError, ValueError):
         score = math.nan
     if not math.isfinite(score):
