@@ -1,0 +1,8 @@
+"""``python -m ibkd.experiments.reproduce``: the same as ``ibkd reproduce``."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

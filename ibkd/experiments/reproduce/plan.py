@@ -1,0 +1,118 @@
+"""The whole plan in one call: the STS-B files every row is scored on, phase one, the sweep's choice,
+phase two, the embedding comparison and the GPU hook, then the results document from every finished row
+of the current settings on disk (rows run now and rows reused from an earlier invocation alike)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from ...distill.config import DATA_DIR_ENV, default_data_dir
+from ..embedding import stsb_paths
+from .aggregate import assemble, choose
+from .gpu import run_gpu_timing
+from .rows import Context, Row, check_train_config, embedding_row, phase_one_rows, phase_two_rows
+from .run import execute, finished_result
+from .spec import ReproduceError
+
+GROUPS = ("teacher", "none", "mse", "contrastive", "sweep", "ibkd", "auto", "finetune", "compact", "embedding", "gpu")
+# groups a requested group needs first (the rows of these that are already finished are simply reused)
+NEEDS = {"ibkd": ("sweep",), "finetune": ("sweep",), "compact": ("sweep",)}
+
+
+def log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare_sts(spec: dict, output: Path, data_dir: str) -> dict:
+    """STS-B train/dev/test paths every row uses: the benchmark's files under the data folder, or truncated
+    copies of them under ``<output>/sts-limited`` when ``sts_limit`` is set (smoke runs)."""
+    paths = stsb_paths(data_dir)
+    limit = spec.get("sts_limit")
+    if limit:
+        target = output / "sts-limited"
+        target.mkdir(parents=True, exist_ok=True)
+        for split, path in paths.items():
+            lines = [ln for ln in Path(path).read_text(encoding="utf-8").split("\n") if ln.strip()][:limit]
+            new = target / f"sts-{split}.csv"
+            text = "\n".join(lines) + "\n"
+            if not new.is_file() or new.read_text(encoding="utf-8") != text:
+                new.write_text(text, encoding="utf-8")
+            paths[split] = str(new)
+    return paths
+
+
+def make_context(spec: dict, *, data_dir: Optional[str] = None, progress: bool = True,
+                 log: Callable[[str], None] = log_stderr) -> Context:
+    """``data_dir``: the folder ``{data_dir}`` stands for (``--data_dir``), else the config's
+    ``common.data_dir``, else ``$IBKD_DATA_DIR``."""
+    data_dir = data_dir or spec["common"].get("data_dir") or default_data_dir()
+    if not data_dir:
+        raise ReproduceError(f"the data folder (STS-B, the corpus) is not set: pass --data_dir or set ${DATA_DIR_ENV}")
+    data_dir = str(Path(os.path.expanduser(str(data_dir))).resolve())
+    output = Path(spec["output_dir"])
+    output.mkdir(parents=True, exist_ok=True)
+    sts = prepare_sts(spec, output, data_dir)
+    cache_dir = spec.get("cache_dir") or str(output / "teacher_cache")
+    progress = progress and spec["common"].get("progress", True)
+    return Context(spec, output, cache_dir, sts, data_dir, spec.get("num_threads"), progress, log)
+
+
+def _stored(row: Row, ctx: Context) -> Optional[dict]:
+    rec = finished_result(ctx.output / row.name, row.config_hash())
+    return {**rec, "reused": True} if rec is not None else None
+
+
+def _stand_in_student(ctx: Context, row: Row) -> str:
+    return str(ctx.output / row.name / "student")
+
+
+def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[str] = None, progress: bool = True,
+             argv: Optional[list] = None, log: Callable[[str], None] = log_stderr) -> dict:
+    """Run the requested groups (default: all) and assemble the results document from every finished
+    row of the current settings on disk."""
+    started = time.time()
+    ctx = make_context(spec, data_dir=data_dir, progress=progress, log=log)
+    wanted = set(groups or GROUPS)
+    for g in list(wanted):
+        wanted |= set(NEEDS.get(g, ()))
+    first = phase_one_rows(ctx)
+    # check every TrainConfig of the plan before anything trains (phase two with a stand-in choice)
+    stand_in = next(r for r in first if r.group == "sweep")
+    second_stand_in = phase_two_rows(ctx, stand_in, _stand_in_student(ctx, stand_in))
+    for row in first + second_stand_in:
+        if row.kind == "train":
+            check_train_config(row)
+    records: dict[str, dict] = {}
+    total = len(first) + len(second_stand_in)
+    for i, row in enumerate(first, 1):
+        if row.group in wanted:
+            records[row.name] = execute(row, ctx, index=f"[{i}/{total}] ")
+    sweep_records = [records.get(r.name) or _stored(r, ctx) for r in first if r.group == "sweep"]
+    chosen = choose([r for r in sweep_records if r])
+    second: list[Row] = []
+    if chosen is not None:
+        chosen_row = next(r for r in first if r.name == chosen["name"])
+        second = phase_two_rows(ctx, chosen_row, chosen["student"])
+        for i, row in enumerate(second, 1):
+            if row.group in wanted:
+                records[row.name] = execute(row, ctx, index=f"[{len(first) + i}/{total}] ", records=records)
+    elif wanted & {"ibkd", "finetune", "compact"}:
+        log("no finished sweep row: the ibkd, finetune and compact rows need the sweep's choice")
+    emb = embedding_row(ctx)
+    if emb is not None and "embedding" in wanted:
+        records[emb.name] = execute(emb, ctx, index="[embedding] ")
+    gpu = run_gpu_timing(ctx) if "gpu" in wanted else {"status": "not requested"}
+    final = []
+    for row in first + second + ([emb] if emb is not None else []):
+        # rows not run now: their stored result of the same settings, if any
+        rec = records.get(row.name) or _stored(row, ctx)
+        if rec is None:
+            rec = {"name": row.name, "group": row.group, "kind": row.kind, "seed": row.seed,
+                   "config_hash": row.config_hash(), **row.info, "status": "not run",
+                   "reason": "not requested in this invocation"}
+        final.append(rec)
+    return assemble(spec, final, chosen, gpu, started, argv or [])

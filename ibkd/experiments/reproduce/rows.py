@@ -1,0 +1,185 @@
+"""The rows of the plan: one unit of work each, with its own folder, its settings and their hash.
+
+Phase one needs nothing else (teacher, untrained, MSE, contrastive and β=auto per seed, the IB-term
+sweep at the first seed); phase two follows the sweep's choice (the chosen setting at the other seeds,
+stage 2 from it, the compact student and its table); the embedding comparison stands alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from ...distill.config import ConfigError, TrainConfig
+from .spec import ReproduceError
+
+# TrainConfig fields that change neither the trained student nor its scores (left out of the row hash)
+NOT_HASHED = {"output_dir", "resume", "overwrite_output_dir", "progress", "plot", "save_steps", "save_total_limit",
+              "logging_steps", "num_threads", "per_device_eval_batch_size", "step_delay_s", "teacher_batch_size",
+              "cache_dir", "report_to"}
+
+
+@dataclass
+class Row:
+    """One unit of work with its own folder and result file."""
+
+    name: str
+    group: str
+    kind: str  # "teacher" | "train" | "table" | "embedding"
+    seed: Optional[int] = None
+    train: dict = field(default_factory=dict)  # TrainConfig fields (kind "train")
+    info: dict = field(default_factory=dict)  # label, settings, anything rendered
+    hash_extra: dict = field(default_factory=dict)  # eval paths, parents' hashes, ...
+    root: str = ""  # the output folder: paths under it are hashed relative to it (a moved folder still matches)
+
+    def config_hash(self) -> str:
+        train = {k: v for k, v in self.train.items() if k not in NOT_HASHED}
+        blob = json.dumps({"kind": self.kind, "seed": self.seed, "train": train, "extra": self.hash_extra},
+                          sort_keys=True, default=str)
+        if self.root:
+            blob = blob.replace(json.dumps(self.root)[1:-1], "<output>")
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Context:
+    """What every row of one invocation shares."""
+
+    spec: dict
+    output: Path
+    cache_dir: str
+    sts: dict  # split -> path (maybe truncated copies)
+    data_dir: Optional[str]  # the folder {data_dir} stands for
+    num_threads: Optional[int]
+    progress: bool
+    log: Callable[[str], None] = print
+
+
+def _fmt_num(v) -> str:
+    return f"{v:g}" if isinstance(v, (int, float)) else str(v)
+
+
+def setting_label(values: dict) -> str:
+    """Human label of a distillation setting (β, γ, where HSIC looks)."""
+    method = values.get("method", "ibkd")
+    if method == "mse":
+        return "MSE to teacher vectors"
+    if method == "none":
+        return "untrained"
+    tau = values.get("temperature")
+    if method == "contrastive":
+        return "InfoNCE only (β=0)" + (f", τ={_fmt_num(tau)}" if tau is not None else "")
+    beta = values.get("beta")
+    gamma = values.get("gamma")
+    where = "unit-norm" if values.get("normalize_hsic_inputs", True) else "raw"
+    parts = [f"β={_fmt_num(beta) if beta is not None else 'default'}",
+             f"γ={_fmt_num(gamma) if gamma is not None else 'default'}", f"{where} HSIC"]
+    if tau is not None:
+        parts.append(f"τ={_fmt_num(tau)}")
+    return ", ".join(parts)
+
+
+def _runtime(ctx: Context) -> dict:
+    """Fields every training row gets from the invocation: where the data is, no evaluation inside the
+    trainer (each row is scored here, with throughput, on the same STS-B files), threads, progress bar."""
+    values = {"data_dir": ctx.data_dir, "dev": None, "test": None, "no_eval": True, "eval_steps": None,
+              "progress": ctx.progress}
+    if ctx.num_threads:
+        values["num_threads"] = ctx.num_threads
+    return values
+
+
+def _eval_extra(ctx: Context) -> dict:
+    return {"dev": ctx.sts["dev"], "test": ctx.sts["test"], "sts_limit": ctx.spec.get("sts_limit")}
+
+
+def distill_row(ctx: Context, name: str, group: str, method: str, seed: int, setting: Optional[dict] = None,
+                extra_train: Optional[dict] = None, hash_extra: Optional[dict] = None) -> Row:
+    setting = {k: v for k, v in (setting or {}).items() if k != "name"}
+    train = {**ctx.spec["common"], "stage": "distill", "cache_dir": ctx.cache_dir, **_runtime(ctx), **setting,
+             **(extra_train or {}), "method": method, "seed": seed}
+    info = {"label": setting_label(train), "setting": setting, "method": method, "steps": train.get("max_steps"),
+            "batch_size": train.get("per_device_train_batch_size", TrainConfig.per_device_train_batch_size)}
+    return Row(name, group, "train", seed, train, info, {**_eval_extra(ctx), **(hash_extra or {})}, str(ctx.output))
+
+
+def phase_one_rows(ctx: Context) -> list[Row]:
+    """Rows that need nothing else: teacher, untrained, MSE, contrastive and β=auto per seed, the sweep."""
+    spec, seeds = ctx.spec, ctx.spec.get("seeds", [1, 2, 3])
+    common = spec["common"]
+    max_length = common.get("max_length", TrainConfig.max_length)
+    rows = [Row("teacher", "teacher", "teacher", None, {},
+                {"label": "the teacher itself (all layers)", "teacher": common["teacher"], "max_length": max_length},
+                {**_eval_extra(ctx), "teacher": common["teacher"], "max_length": max_length,
+                 "data_dir": ctx.data_dir}, str(ctx.output)),
+            distill_row(ctx, "none", "none", "none", seeds[0])]
+    rows += [distill_row(ctx, f"mse-s{s}", "mse", "mse", s) for s in seeds]
+    # every seed: β=0 is what beta=auto must beat by a margin that seed noise cannot explain
+    rows += [distill_row(ctx, f"contrastive-s{s}", "contrastive", "contrastive", s) for s in seeds]
+    rows += [distill_row(ctx, f"auto-s{s}", "auto", "ibkd", s, spec["auto"]) for s in seeds]
+    for setting in spec["sweep"]["settings"]:
+        row = distill_row(ctx, f"sweep-{setting['name']}", "sweep", "ibkd", seeds[0], setting)
+        row.info["sweep_name"] = setting["name"]
+        rows.append(row)
+    return rows
+
+
+def phase_two_rows(ctx: Context, chosen: Row, chosen_student: str) -> list[Row]:
+    """Rows that follow the sweep's choice: the chosen IBKD setting at the other seeds, stage 2 from
+    its first seed's student (the folder ``chosen_student``), and the compact student."""
+    spec, seeds = ctx.spec, ctx.spec.get("seeds", [1, 2, 3])
+    setting = chosen.info["setting"]
+    parent = {"chosen": chosen.info.get("sweep_name"), "chosen_hash": chosen.config_hash()}
+    rows = []
+    for s in seeds[1:]:
+        row = distill_row(ctx, f"ibkd-s{s}", "ibkd", "ibkd", s, setting, hash_extra=parent)
+        row.info["sweep_name"] = chosen.info.get("sweep_name")
+        rows.append(row)
+    ft = dict(spec.get("finetune") or {})
+    train = {"max_length": spec["common"].get("max_length", TrainConfig.max_length), **ft, **_runtime(ctx),
+             "stage": "finetune", "method": ft.get("method", "ibkd"), "seed": seeds[0], "student": chosen_student,
+             "train_file": ctx.sts["train"], "teacher": None}
+    rows.append(Row("ibkd-finetune", "finetune", "train", seeds[0], train,
+                    {"label": f"stage 2 on STS-B train from {chosen.name}", "setting": ft, "method": train["method"],
+                     "steps": train.get("max_steps"), "parent": chosen.name,
+                     "batch_size": train.get("per_device_train_batch_size", TrainConfig.per_device_train_batch_size)},
+                    {**_eval_extra(ctx), **parent}, str(ctx.output)))
+    compact = spec.get("compact") or {}
+    if compact.get("enabled", True):
+        table_cfg = dict(compact.get("table") or {})
+        max_length = spec["common"].get("max_length", TrainConfig.max_length)
+        table = Row("compact-table", "compact", "table", seeds[0], {},
+                    {"label": f"distilled embedding table d={table_cfg['d_small']}", "table": table_cfg},
+                    {**_eval_extra(ctx), "train": ctx.sts["train"], "table": table_cfg,
+                     "teacher": spec["common"]["teacher"], "max_length": max_length}, str(ctx.output))
+        rows.append(table)
+        student = distill_row(ctx, "compact-ibkd", "compact", "ibkd", seeds[0], setting,
+                              extra_train={**(compact.get("distill") or {}),
+                                           "compact_embeddings": str(ctx.output / "compact-table" / "table")},
+                              hash_extra={**parent, "table_hash": table.config_hash()})
+        student.info["d_small"] = table_cfg["d_small"]
+        student.info["needs"] = ["compact-table"]
+        rows.append(student)
+    return rows
+
+
+def embedding_row(ctx: Context) -> Optional[Row]:
+    emb = ctx.spec.get("embedding_comparison") or {}
+    if not emb.get("enabled", True):
+        return None
+    settings = {"sizes": emb.get("sizes", [32, 64, 128]), "seeds": emb.get("seeds", [0, 1, 2]),
+                "overrides": emb.get("overrides") or {}}
+    return Row("embedding-comparison", "embedding", "embedding", None, {}, {"label": "embedding tables", **settings},
+               {**_eval_extra(ctx), "train": ctx.sts["train"], **settings, "teacher": ctx.spec["common"]["teacher"]},
+               str(ctx.output))
+
+
+def check_train_config(row: Row) -> None:
+    """Build the row's TrainConfig (a bad key or value fails here, before anything trains)."""
+    try:
+        TrainConfig.from_dict({**row.train, "output_dir": "unused"})
+    except ConfigError as exc:
+        raise ReproduceError(f"row {row.name}: {exc}") from None
