@@ -129,3 +129,29 @@ def test_single_damaged_checkpoint_says_start_from_scratch(tmp_path):
     (only / "sub" / "trainer_state.json").write_text('{"global_step": 4}')  # same size, other bytes
     with pytest.raises(IntegrityError, match=r"trainer_state\.json is corrupted.*to start from scratch"):
         newest_valid_checkpoint(tmp_path)
+
+
+def test_sealed_folder_replaced_atomically(tmp_path):
+    from ibkd.distill._io import atomic_write_dir
+
+    final = tmp_path / "final"
+
+    def fill(version):
+        def write(folder):
+            (folder / "model.safetensors").write_bytes(version)
+            write_checksums(folder)
+        return write
+
+    atomic_write_dir(final, fill(b"v1"))
+    atomic_write_dir(final, fill(b"v2"))
+    verify_checksums(final, what="model")
+    assert (final / "model.safetensors").read_bytes() == b"v2"
+
+    def crash(folder):
+        (folder / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_dir(final, crash)
+    assert (final / "model.safetensors").read_bytes() == b"v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no staging folder left behind
