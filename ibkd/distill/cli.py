@@ -128,18 +128,20 @@ def add_field_flags(parser: argparse.ArgumentParser, names: Iterable[str], alias
         spellings = [name] + [o for o in old]
         hidden = sorted(({"--" + s.replace("_", "-") for s in spellings} | {"--" + o for o in old})
                         - {"--" + name})
-        note = f"default: {_default_text(default)}"
+        help_text = f.metadata.get("help", "")
+        # a None default whose meaning the help already gives ("default: the stage's") is not repeated as "none"
+        notes = [] if default is None and "default" in help_text else [f"default: {_default_text(default)}"]
         if kind is bool:
             options = dict(nargs="?", const=True, type=_flag_type(name), metavar="true|false")
             if not name.startswith("no_"):
-                note += f"; --no_{name} for false"
+                notes.append(f"--no_{name} for false")
         else:
             metavar = f.metadata.get("metavar") or ("{" + ",".join(choices) + "}" if choices else
                                                     _METAVARS.get(kind, "VALUE"))
             options = dict(type=_flag_type(name), metavar=metavar)
         if old:
-            note += "; also --" + ", --".join(old)
-        text = f"{f.metadata.get('help', '')} ({note})".replace("%", "%%")
+            notes.append("also --" + ", --".join(old))
+        text = (help_text + (f" ({'; '.join(notes)})" if notes else "")).replace("%", "%%")
         parser.add_argument("--" + name, dest=name, action=_FieldFlag, default=argparse.SUPPRESS, help=text,
                             **options)
         for option in hidden:

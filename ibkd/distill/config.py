@@ -8,6 +8,8 @@ its flags from them. Older names (``--lr``, ``--batch-size``, ``output: ...`` in
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 import re
@@ -52,57 +54,28 @@ class ConfigError(ValueError):
 # Each raises ConfigError with a message that names the expected kind and the value it got; the caller
 # adds the flag or key.
 
-def _converter(kind: type, what: str) -> Callable[[str], Any]:
+def _parser(kind: Callable[[str], Any], what: str, word: Optional[str] = None) -> Callable[[str], Any]:
+    """Text -> ``kind(text)``, or the literal ``word`` itself (beta's 'auto')."""
     def parse(text: str):
-        try:
-            return kind(str(text).strip())
-        except ValueError:
-            raise ConfigError(f"expected {what}, got {text!r}") from None
-    parse.__name__ = kind.__name__
-    return parse
-
-
-parse_int, parse_float = _converter(int, "an integer"), _converter(float, "a number")
-
-
-def parse_bool(text: str) -> bool:
-    word = str(text).strip().lower()
-    if word in ("true", "yes", "on", "1"):
-        return True
-    if word in ("false", "no", "off", "0"):
-        return False
-    raise ConfigError(f"expected true or false, got {text!r}")
-
-
-def _number_or(word: str) -> Callable[[str], Any]:
-    def parse(text: str):
-        if str(text).strip().lower() == word:
+        if word is not None and str(text).strip().lower() == word:
             return word
         try:
-            return float(str(text).strip())
-        except ValueError:
-            raise ConfigError(f"expected a number or {word!r}, got {text!r}") from None
-    parse.__name__ = f"number_or_{word}"
+            return kind(str(text).strip())
+        except (ValueError, KeyError):
+            raise ConfigError(f"expected {what}, got {text!r}") from None
+    parse.__name__ = word or getattr(kind, "__name__", "value")
     return parse
 
 
-def parse_layer_text(text: str) -> str:
-    """``--student_layers 0,5``: comma-separated integers, kept as the text ``"0,5"`` (as in the YAML)."""
-    parts = [p.strip() for p in str(text).split(",") if p.strip()]
-    try:
-        return ",".join(str(int(p)) for p in parts)
-    except ValueError:
-        raise ConfigError(f"expected comma-separated layer numbers like 0,5, got {text!r}") from None
+def _layers_text(text: str) -> str:  # "0, 5" -> "0,5": kept as text, as the YAML configs write it
+    return ",".join(str(int(p)) for p in text.split(",") if p.strip())
 
 
-def parse_hsic_layer(text: str):
-    word = str(text).strip()
-    if word.lower() == PENULTIMATE:
-        return PENULTIMATE
-    try:
-        return int(word)
-    except ValueError:
-        raise ConfigError(f"expected a layer number or {PENULTIMATE!r}, got {text!r}") from None
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+parse_int, parse_float = _parser(int, "an integer"), _parser(float, "a number")
+parse_bool = _parser(lambda text: _BOOLS[text.lower()], "true or false")
+parse_layer_text = _parser(_layers_text, "comma-separated layer numbers like 0,5")
+parse_hsic_layer = _parser(int, f"a layer number or {PENULTIMATE!r}", PENULTIMATE)
 
 
 def parse_mapping(text: str) -> dict:
@@ -120,6 +93,35 @@ def parse_mapping(text: str) -> dict:
 
 def parse_name_list(text: str) -> list:
     return [part.strip() for part in str(text).split(",") if part.strip()]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+# field -> (test, what it must be), checked by TrainConfig.validate; None passes where the field is optional
+# (None = its documented default). Counts of 0 are refused rather than read as "none" (max_steps 0 used to
+# train one epoch).
+_VALUE_RULES = {
+    **dict.fromkeys(("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
+                     "logging_steps", "teacher_batch_size", "per_device_eval_batch_size", "beta_calibration_steps",
+                     "max_steps", "corpus_limit", "pca_dim", "projection_dim", "eval_steps", "save_total_limit",
+                     "grad_cache_chunk", "num_threads"), (lambda v: _is_int(v) and v > 0, "a positive integer")),
+    **dict.fromkeys(("learning_rate", "num_train_epochs", "beta_target_ratio", "temperature", "max_grad_norm"),
+                    (lambda v: _is_number(v) and v > 0, "a positive number")),
+    **dict.fromkeys(("weight_decay", "step_delay_s"), (lambda v: _is_number(v) and v >= 0, "a number >= 0")),
+    "max_nan_skips": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "warmup_ratio": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
+    "min_score": (lambda v: _is_number(v) and 0 <= v <= 5, "in [0, 5]"),
+    "gamma": (lambda v: v == "median" or (_is_number(v) and v > 0), "a positive number or 'median'"),
+    "hsic_layer": (lambda v: v == PENULTIMATE or _is_int(v), f"a layer number or {PENULTIMATE!r}"),
+    "device": (lambda v: isinstance(v, str) and _DEVICE.fullmatch(v) is not None, "cpu, cuda, cuda:N or auto"),
+}
 
 
 def _f(default, help: str, **kw):
@@ -176,14 +178,14 @@ class TrainConfig:
     # loss: ibkd.losses.IBKDLoss / SupervisedIBKDLoss (None = the stage's default there)
     temperature: Optional[float] = _f(None, "InfoNCE temperature tau (default: the stage's, ibkd.losses)")
     beta: Any = _f(None, "HSIC weight: a number, or 'auto' (aim the HSIC/InfoNCE gradient ratio at "
-                         "beta_target_ratio, then freeze); default: the stage's", parse=_number_or("auto"),
+                         "beta_target_ratio, then freeze); default: the stage's", parse=_parser(float, "a number or 'auto'", "auto"),
                     metavar="X|auto")
     beta_target_ratio: float = _f(ibkd_losses.DEFAULT_TARGET_RATIO, "beta=auto: target ||grad HSIC|| / "
                                                                     "||grad InfoNCE|| at the student output")
     beta_calibration_steps: int = _f(ibkd_losses.DEFAULT_CALIBRATION_STEPS, "beta=auto: calls measured before "
                                                                             "beta freezes")
     gamma: Any = _f(None, "RBF kernel width of HSIC: a number or 'median' (default: the stage's)",
-                    parse=_number_or("median"), metavar="X|median")
+                    parse=_parser(float, "a number or 'median'", "median"), metavar="X|median")
     projection_dim: Optional[int] = _f(None, "output size of the projection P (default: the teacher's dim)")
     hsic_layer: Any = _f(None, "hidden layer pooled as the HSIC input x (0 = embedding-layer output; "
                                "default: 0 in stage 1, 'penultimate' in stage 2)", parse=parse_hsic_layer,
@@ -277,58 +279,23 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(msg)
 
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_number(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
             if choices:
                 need(value in choices, f"{f.name} must be one of {', '.join(choices)}, got {value!r}")
-            if field_kind(f.name) is bool and not (value is None and f.default is None):
-                need(isinstance(value, bool), f"{f.name} must be true or false, got {value!r}")
+            rule = _VALUE_RULES.get(f.name) or ((lambda v: isinstance(v, bool), "true or false")
+                                                if field_kind(f.name) is bool else None)
+            if rule and not (value is None and field_is_optional(f.name)):
+                need(rule[0](value), f"{f.name} must be {rule[1]}, got {value!r}")
         need(not (self.stage == "finetune" and self.method == "mse"), "method 'mse' needs teacher vectors (stage distill)")
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
-                     "logging_steps", "teacher_batch_size", "per_device_eval_batch_size", "beta_calibration_steps"):
-            value = getattr(self, name)
-            need(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}")
-        # optional counts: None = the documented default; 0 or less would mean "nothing" and is refused
-        # rather than read as "one epoch" or "no checkpoint" (max_steps 0 used to train one epoch)
-        for name in ("max_steps", "corpus_limit", "pca_dim", "projection_dim", "eval_steps", "save_total_limit",
-                     "grad_cache_chunk", "num_threads"):
-            value = getattr(self, name)
-            need(value is None or (is_int(value) and value > 0), f"{name} must be a positive integer, got {value!r}")
         need(self.per_device_train_batch_size >= 2,
              "per_device_train_batch_size must be at least 2 (in-batch negatives)")
-        for name in ("learning_rate", "num_train_epochs", "beta_target_ratio"):
-            value = getattr(self, name)
-            need(is_number(value) and value > 0, f"{name} must be a positive number, got {value!r}")
-        for name in ("temperature", "max_grad_norm"):
-            value = getattr(self, name)
-            need(value is None or (is_number(value) and value > 0), f"{name} must be a positive number, got {value!r}")
-        need(is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
-             f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        for name in ("weight_decay", "step_delay_s"):
-            value = getattr(self, name)
-            need(is_number(value) and value >= 0, f"{name} must be a number >= 0, got {value!r}")
-        need(is_int(self.max_nan_skips) and self.max_nan_skips >= 0,
-             f"max_nan_skips must be an integer >= 0, got {self.max_nan_skips!r}")
-        if self.min_score is not None:
-            need(is_number(self.min_score) and 0 <= self.min_score <= 5, f"min_score must be in [0, 5], got {self.min_score!r}")
         if self.beta is not None:
             try:
                 ibkd_losses.check_beta(self.beta)
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
-        if self.gamma is not None:
-            need(self.gamma == "median" or (is_number(self.gamma) and self.gamma > 0),
-                 f"gamma must be a positive number or 'median', got {self.gamma!r}")
-        if self.hsic_layer is not None:
-            need(self.hsic_layer == PENULTIMATE or is_int(self.hsic_layer),
-                 f"hsic_layer must be a layer number or {PENULTIMATE!r}, got {self.hsic_layer!r}")
         self.student_layer_list()  # duplicates, negatives, not numbers
         if self.fresh_student is not None:
             need(isinstance(self.fresh_student, dict) and "num_layers" in self.fresh_student,
@@ -339,8 +306,6 @@ class TrainConfig:
             need(self.student_layers not in (None, "") and not self.student and not self.fresh_student,
                  "compact_embeddings needs student_layers (the teacher layers the compact student keeps), "
                  "not student or fresh_student")
-        need(isinstance(self.device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
-             f"device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.allow_config_change is not None:
             names = self.allow_config_change
             need(isinstance(names, list), f"allow_config_change must be a list of field names, got {names!r}")
@@ -354,21 +319,16 @@ class TrainConfig:
         value = self.student_layers
         if value is None or value == "":
             return None
-        if isinstance(value, bool):
-            raise ConfigError(f"student_layers must be layer numbers like '0,5', got {value!r}")
-        if isinstance(value, int):
-            value = [value]
         if isinstance(value, str):
             value = [int(v) for v in parse_layer_text(value).split(",") if v]
-        layers = [v for v in value if isinstance(v, int) and not isinstance(v, bool)] if isinstance(value, list) else []
-        if not layers or len(layers) != len(value):
+        layers = value if isinstance(value, list) else [value]
+        if not layers or not all(_is_int(v) for v in layers):
             raise ConfigError(f"student_layers must be layer numbers like '0,5', got {self.student_layers!r}")
         repeated = sorted({i for i in layers if layers.count(i) > 1})
         if repeated:
             raise ConfigError(f"student_layers {self.student_layers!r} repeats layer(s) "
                               f"{', '.join(map(str, repeated))}: each teacher layer can be kept once")
-        negative = [i for i in layers if i < 0]
-        if negative:
+        if min(layers) < 0:
             raise ConfigError(f"student_layers must be teacher layers numbered from 0, got {self.student_layers!r}")
         return layers
 
@@ -399,10 +359,9 @@ class TrainConfig:
 
 # -- the field's type, for the parsers and the generated flags ----------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _hints() -> dict:
-    if not hasattr(_hints, "cache"):
-        _hints.cache = typing.get_type_hints(TrainConfig)
-    return _hints.cache
+    return typing.get_type_hints(TrainConfig)
 
 
 def _field(name: str) -> dataclasses.Field:
@@ -465,15 +424,9 @@ def write_resolved_config(cfg: TrainConfig, folder) -> Path:
 
     from .. import __version__
 
-    def plain(value):  # YAML of builtins only: tuples as lists
-        if isinstance(value, (list, tuple)):
-            return [plain(v) for v in value]
-        if isinstance(value, dict):
-            return {str(k): plain(v) for k, v in value.items()}
-        return value
-
     path = Path(folder) / CONFIG_FILE
-    body = yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False, default_flow_style=None, allow_unicode=True)
+    body = yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())),  # builtins only
+                           sort_keys=False, default_flow_style=None, allow_unicode=True)
     atomic_write_text(path, f"# the resolved config of this run (ibkd {__version__}): field defaults < --config < "
                             f"flags\n{body}")
     return path
@@ -491,7 +444,7 @@ def load_saved_config(folder) -> dict:
 
 def check_device(device: str, flag: str = "--device") -> None:
     """``device`` is usable here: a bad string or CUDA on a machine without it is one ConfigError."""
-    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
+    if not (isinstance(device, str) and _DEVICE.fullmatch(device)):
         raise ConfigError(f"{flag} must be cpu, cuda, cuda:N or auto, got {device!r}")
     if not device.startswith("cuda"):
         return
