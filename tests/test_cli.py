@@ -203,6 +203,14 @@ def test_python_m_ibkd():
     assert out.returncode == 1 and "Traceback" in out.stderr and "ConfigError" in out.stderr
 
 
+def test_layers_the_application_never_imports_the_experiments():
+    code = ("import sys, io, contextlib; import ibkd.distill.cli; from ibkd.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()): assert main(['distill', '--help']) == 0\n"
+            "print(sorted(m for m in sys.modules if m.startswith('ibkd.experiments')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 # -- two tiny runs through the trainer ------------------------------------------------------------------
 
 def test_distill_then_finetune_then_eval(files, tmp_path, capsys):

@@ -144,5 +144,7 @@ def test_resolved_config_round_trip(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     saved = load_saved_config(tmp_path)
     assert TrainConfig.from_dict(saved) == cfg
-    with pytest.raises(ConfigError, match="holds no config.yaml"):
-        load_saved_config(tmp_path / "elsewhere")
+    assert load_saved_config(tmp_path / "elsewhere") is None
+    (tmp_path / CONFIG_FILE).write_text("- a list\n")
+    with pytest.raises(ConfigError, match="a config must be a mapping"):
+        load_saved_config(tmp_path)

@@ -113,9 +113,11 @@ def _default_text(value) -> str:
 _METAVARS = {int: "N", float: "X", str: "TEXT", dict: "MAPPING", list: "A,B"}
 
 
-def add_field_flags(parser: argparse.ArgumentParser, names: Iterable[str], aliases: Optional[dict] = None) -> None:
-    """A flag for each field of ``names``: ``--name`` with its help and default, and hidden spellings
-    (``--name-with-dashes``, the old names of :data:`ALIASES` or ``aliases``, ``--no_name`` for a switch)."""
+def add_field_flags(parser: argparse.ArgumentParser, names: Iterable[str], aliases: Optional[dict] = None,
+                    shown_defaults: Optional[dict] = None) -> None:
+    """A flag for each field of ``names``: ``--name`` with its help and default (``shown_defaults`` where the
+    command's default is not the field's), and hidden spellings (``--name-with-dashes``, the old names of
+    :data:`ALIASES` or ``aliases``, ``--no_name`` for a switch)."""
     old_names = {}
     for old, new in {**ALIASES, **(aliases or {})}.items():
         old_names.setdefault(new, []).append(old)
@@ -131,6 +133,8 @@ def add_field_flags(parser: argparse.ArgumentParser, names: Iterable[str], alias
         help_text = f.metadata.get("help", "")
         # a None default whose meaning the help already gives ("default: the stage's") is not repeated as "none"
         notes = [] if default is None and "default" in help_text else [f"default: {_default_text(default)}"]
+        if name in (shown_defaults or {}):
+            notes = [f"default: {shown_defaults[name]}"]
         if kind is bool:
             options = dict(nargs="?", const=True, type=_flag_type(name), metavar="true|false")
             if not name.startswith("no_"):
@@ -180,7 +184,7 @@ def add_commands(subparsers, **parser_options) -> None:
     help_text = "STS-B dev/test Spearman of a saved encoder"
     p = subparsers.add_parser("eval", help=help_text, description=help_text, **parser_options)
     p.add_argument("model", help="model folder or hub id ('default' = the offline teacher)")
-    add_field_flags(p, EVAL_FIELDS, aliases=EVAL_ALIASES)
+    add_field_flags(p, EVAL_FIELDS, aliases=EVAL_ALIASES, shown_defaults={"max_length": "the model's own"})
     p.set_defaults(_run=_cmd_eval)
 
 

@@ -432,12 +432,11 @@ def write_resolved_config(cfg: TrainConfig, folder) -> Path:
     return path
 
 
-def load_saved_config(folder) -> dict:
-    """The config a run wrote into ``folder`` (:func:`write_resolved_config`), keys under the fields' names."""
+def load_saved_config(folder) -> Optional[dict]:
+    """The config a run wrote into ``folder`` (:func:`write_resolved_config`), keys under the fields' names;
+    None when the folder holds none (no run, or a run from before configs were saved)."""
     path = Path(folder) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{folder} holds no {CONFIG_FILE} (not the output folder of an ibkd run)")
-    return TrainConfig.canonical(load_yaml_mapping(path))
+    return TrainConfig.canonical(load_yaml_mapping(path)) if path.is_file() else None
 
 
 # -- checks that need the machine or the model -----------------------------------------------------------
