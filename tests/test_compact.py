@@ -3,9 +3,11 @@
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +18,10 @@ from ibkd.distill.compact import (FACTORIZED_KEYS, bert_parameter_count, build_c
                           load_compact_table, lstsq_up_projection, parameter_table, pca_table)
 from ibkd.distill.compact_modeling import CompactBertConfig, CompactBertModel
 from ibkd.distill.evaluation import count_parameters
-from ibkd.experiments.embedding import save_small_table
+from ibkd.distill.config import ConfigError, TrainConfig
+from ibkd.distill.embedding_table import save_small_table
 from ibkd.distill.models import Encoder, make_tiny_bert, subset_layers
-from ibkd.distill.trainer import CHECKPOINT_NAME, ConfigError, TrainConfig, build_run, run
+from ibkd.distill.trainer import last_checkpoint, run
 
 SENTS = ["a man plays the guitar", "the dog runs", "two people eat bread in the park .", "red"]
 
@@ -38,7 +41,7 @@ def random_table(vocab_size, d_small, seed=0):
 
 
 def write_table_folder(folder, table, tokenizer=None, **meta):
-    """A table folder written by A1's ``ibkd.experiments.embedding.save_small_table``."""
+    """A table folder written by ``ibkd.distill.embedding_table.save_small_table``."""
     return save_small_table(folder, table, tokenizer, {"method": "test", **meta})
 
 
@@ -307,7 +310,7 @@ def _sts_file(path):
 def test_config_needs_student_layers():
     with pytest.raises(ConfigError, match="compact_embeddings needs student_layers"):
         TrainConfig.from_dict({"compact_embeddings": "x"})
-    with pytest.raises(ConfigError, match="compact_embeddings needs student_layers"):
+    with pytest.raises(ConfigError, match="give one of student, student_layers"):  # not a finished student too
         TrainConfig.from_dict({"compact_embeddings": "x", "student_layers": "0", "student": "y"})
 
 
@@ -319,36 +322,31 @@ def test_distill_end_to_end_with_the_compact_student(tiny, tmp_path):
     folder = write_table_folder(tmp_path / "table", table, teacher.tokenizer)
     sts = _sts_file(tmp_path / "sts.csv")
     settings = dict(teacher=tiny, student_layers="0,2", compact_embeddings=str(folder), corpus=str(tmp_path / "corpus.txt"),
-                    batch_size=8, max_length=16, save_steps=1, eval_steps=2, dev=sts, test=sts, progress=False,
+                    per_device_train_batch_size=8, max_length=16, eval_steps=2, dev=sts, test=sts, progress=False,
                     plot=False, num_threads=1, seed=3)
 
     def cfg(output, **more):
-        return TrainConfig.from_dict({**settings, "output": str(output), **more})
+        return TrainConfig.from_dict({**settings, "output_dir": str(output), **more})
 
-    summary = run(cfg(tmp_path / "full", max_steps=4))
-    assert summary["steps"] == 4 and summary["best_step"] in (2, 4)
-    assert "dev_spearman" in summary and "test_spearman" in summary
-    for name in ("best", "final"):
-        folder_out = tmp_path / "full" / name
-        assert (folder_out / "compact_modeling.py").is_file()
-        loaded = Encoder.load(str(folder_out))
-        assert isinstance(loaded.model, CompactBertModel) and loaded.num_layers == 2
-        assert loaded.model.embeddings.word_embeddings.table.weight.shape == table.shape
+    summary = run(cfg(tmp_path / "full", max_steps=4, save_steps=2))
+    assert summary["steps"] == 4 and "dev_spearman" in summary and "test_spearman" in summary
+    student = Path(summary["student"])
+    assert (student / "compact_modeling.py").is_file()
+    loaded = Encoder.load(str(student))
+    assert isinstance(loaded.model, CompactBertModel) and loaded.num_layers == 2
+    assert loaded.model.embeddings.word_embeddings.table.weight.shape == table.shape
     # training moved the table and the up-projection away from their initial values
-    final = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    final = load_file(str(student / "model.safetensors"))
     assert not torch.equal(final[FACTORIZED_KEYS[0]], table)
 
-    # interrupted after 2 of 4 steps (checkpoint written), then resumed: same weights as the uninterrupted run
-    trainer = build_run(cfg(tmp_path / "resumed", max_steps=4))
-    trainer.output.mkdir(parents=True, exist_ok=True)
-    trainer.train_step()
-    trainer.train_step()
-    trainer.save_checkpoint()
-    state = torch.load(tmp_path / "resumed" / CHECKPOINT_NAME, map_location="cpu", weights_only=False)
-    assert state["step"] == 2 and FACTORIZED_KEYS[0] in state["student"]
-    resumed = run(cfg(tmp_path / "resumed", max_steps=4, resume=True))
+    # as if interrupted after the step-2 checkpoint: resuming from it gives the weights of the whole run
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    for later in ("checkpoint-4", "final"):
+        shutil.rmtree(tmp_path / "resumed" / later)
+    assert last_checkpoint(tmp_path / "resumed").name == "checkpoint-2"
+    resumed = run(cfg(tmp_path / "resumed", max_steps=4, save_steps=2, resume=True))
     assert resumed["steps"] == 4
-    again = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    again = load_file(str(Path(resumed["student"]) / "model.safetensors"))
     assert again.keys() == final.keys()
     for key in final:
         torch.testing.assert_close(again[key], final[key], atol=1e-6, rtol=1e-6, msg=key)
@@ -357,9 +355,10 @@ def test_distill_end_to_end_with_the_compact_student(tiny, tmp_path):
 def test_compact_config_errors(tiny, tmp_path):
     teacher = Encoder.load(tiny)
     (tmp_path / "corpus.txt").write_text("\n".join(["a man plays", "the dog runs"] * 8) + "\n")
-    base = dict(teacher=tiny, student_layers="0,2", corpus=str(tmp_path / "corpus.txt"), batch_size=4, max_steps=1,
-                dev=None, test=None, progress=False, plot=False, output=str(tmp_path / "out"))
-    with pytest.raises(ConfigError, match="does not exist"):
+    base = dict(teacher=tiny, student_layers="0,2", corpus=str(tmp_path / "corpus.txt"), per_device_train_batch_size=4,
+                max_steps=1, max_length=16, no_eval=True, progress=False, plot=False, output_dir=str(tmp_path / "out"),
+                overwrite_output_dir=True)
+    with pytest.raises(ConfigError, match="compact_embeddings folder not found"):
         run(TrainConfig.from_dict({**base, "compact_embeddings": str(tmp_path / "nowhere")}))
     wrong = write_table_folder(tmp_path / "wrong", random_table(teacher.config.vocab_size + 1, 4))
     with pytest.raises(ConfigError, match="another vocabulary"):
