@@ -227,7 +227,8 @@ def test_distill_then_finetune_then_eval(files, tmp_path, capsys):
     rc = main(["finetune", "--student", str(tmp_path / "d" / "final"), "--train-file", str(tmp_path / "triplets.csv"),
                "--batch-size", "4", "--max-steps", "2", "--output_dir", str(tmp_path / "f"), *common])
     assert rc == 0 and "STS-B test Spearman" in capsys.readouterr().out
-    rc = main(["eval", str(tmp_path / "f" / "final"), "--dev", str(files / "sts.csv"), "--test", str(files / "sts.csv")])
+    sts = str(files / "sts.csv")
+    rc = main(["eval", str(tmp_path / "f" / "final"), "--dev", sts, "--test", sts])
     out = capsys.readouterr().out
     assert rc == 0 and "parameters" in out and out.count("Spearman") == 2
 

@@ -178,7 +178,8 @@ class TrainConfig:
     # loss: ibkd.losses.IBKDLoss / SupervisedIBKDLoss (None = the stage's default there)
     temperature: Optional[float] = _f(None, "InfoNCE temperature tau (default: the stage's, ibkd.losses)")
     beta: Any = _f(None, "HSIC weight: a number, or 'auto' (aim the HSIC/InfoNCE gradient ratio at "
-                         "beta_target_ratio, then freeze); default: the stage's", parse=_parser(float, "a number or 'auto'", "auto"),
+                         "beta_target_ratio, then freeze); default: the stage's",
+                    parse=_parser(float, "a number or 'auto'", "auto"),
                     metavar="X|auto")
     beta_target_ratio: float = _f(ibkd_losses.DEFAULT_TARGET_RATIO, "beta=auto: target ||grad HSIC|| / "
                                                                     "||grad InfoNCE|| at the student output")
@@ -288,7 +289,8 @@ class TrainConfig:
                                                 if field_kind(f.name) is bool else None)
             if rule and not (value is None and field_is_optional(f.name)):
                 need(rule[0](value), f"{f.name} must be {rule[1]}, got {value!r}")
-        need(not (self.stage == "finetune" and self.method == "mse"), "method 'mse' needs teacher vectors (stage distill)")
+        need(not (self.stage == "finetune" and self.method == "mse"),
+             "method 'mse' needs teacher vectors (stage distill)")
         need(self.per_device_train_batch_size >= 2,
              "per_device_train_batch_size must be at least 2 (in-batch negatives)")
         if self.beta is not None:
@@ -424,6 +426,7 @@ def write_resolved_config(cfg: TrainConfig, folder) -> Path:
 
     from .. import __version__
 
+    Path(folder).mkdir(parents=True, exist_ok=True)
     path = Path(folder) / CONFIG_FILE
     body = yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())),  # builtins only
                            sort_keys=False, default_flow_style=None, allow_unicode=True)
@@ -455,16 +458,6 @@ def check_device(device: str, flag: str = "--device") -> None:
     index = int(device.partition(":")[2] or 0)
     if index >= torch.cuda.device_count():
         raise ConfigError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; other values as given (after :func:`check_device`)."""
-    check_device(device)
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _is_dataset_spec(value: str) -> bool:
