@@ -6,7 +6,7 @@ encoding, :mod:`ibkd.distill.embedding_table`) followed by ``Linear(d_small -> h
 (:class:`ibkd.distill.compact_modeling.CompactBertModel`); position/token-type embeddings, the embedding LayerNorm
 and the chosen transformer layers are copied from the teacher. The up-projection starts at the least-squares
 fit ``[T 1] [W^T; b] ~ E`` of the teacher's word-embedding matrix E, so the student starts close to the plain
-layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in :class:`ibkd.distill.trainer.TrainConfig`).
+layer-subset student, and IBKD stage 1 then trains it (``compact_embeddings`` in :class:`ibkd.distill.config.TrainConfig`).
 
 * :func:`build_compact_student` / :func:`factorize_student` — build it (from the teacher, or from an already
   built layer-subset student).

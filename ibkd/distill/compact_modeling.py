@@ -90,15 +90,8 @@ CompactBertModel.register_for_auto_class("AutoModel")
 def register_auto_classes() -> None:
     """Let ``AutoConfig``/``AutoModel`` resolve ``model_type: ibkd_compact_bert`` to these classes without
     ``trust_remote_code`` (idempotent)."""
-    try:
-        AutoConfig.register(MODEL_TYPE, CompactBertConfig, exist_ok=True)
-        AutoModel.register(CompactBertConfig, CompactBertModel, exist_ok=True)
-    except TypeError:  # transformers < 4.35 has no exist_ok
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        if MODEL_TYPE not in CONFIG_MAPPING:
-            AutoConfig.register(MODEL_TYPE, CompactBertConfig)
-            AutoModel.register(CompactBertConfig, CompactBertModel)
+    AutoConfig.register(MODEL_TYPE, CompactBertConfig, exist_ok=True)
+    AutoModel.register(CompactBertConfig, CompactBertModel, exist_ok=True)
 
 
 # Only the package's own copy registers itself; a copy loaded as remote code (module name
