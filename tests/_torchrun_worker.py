@@ -4,7 +4,7 @@ rank's student and loss state. Used by tests/test_torchrun.py:
     python -m torch.distributed.run --nproc_per_node 2 tests/_torchrun_worker.py MODE MODEL_DIR OUT_DIR BATCH
 
 MODE: ``st`` (SentenceTransformerTrainer + IBKDDistillationLoss), ``st-cached`` (the GradCache variant),
-``hf`` (IBKDTrainer), ``cli`` (the ``ibkd distill`` trainer). BATCH is the per-process batch size. The data
+``hf`` (IBKDTrainer), ``cli`` (the ``ibkd distill`` application, rank 0's export). BATCH is the per-process batch size. The data
 set is exactly one global batch, so every step sees the same set of rows whatever the sampler's order,
 and a single process with the whole batch must end with the same weights.
 """
@@ -85,22 +85,30 @@ def run_hf(model_dir: str, out: Path, batch: int):
 
 
 def run_cli(model_dir: str, out: Path, batch: int):
-    from ibkd.distill.models import Encoder, build_student
-    from ibkd.distill.trainer import DistillData, TrainConfig, Trainer, build_loss, setup_distributed
+    """The ``ibkd distill`` application end to end (its own trainer set-up, export and lock); returns what it
+    exported (rank 0; other ranks None): DDP keeps the ranks' students equal, the st/hf modes check P's."""
+    from safetensors.torch import load_file
 
-    _, world = rank_world()
-    cfg = TrainConfig(output=str(out / "cli"), batch_size=batch * world, max_steps=STEPS, lr=1e-2,
-                      progress=False, plot=False, dev=None, test=None, beta_calibration_steps=2,
-                      projection_init="random", device="cpu", save_steps=1000)
-    device = setup_distributed(cfg)
-    torch.manual_seed(0)
-    student = build_student(Encoder.load(model_dir), layers=[0, 2])
-    trainer = Trainer(cfg, student, build_loss(cfg, student.dim, TEACHER_DIM),
-                      DistillData(SENTENCES, teacher_vectors(len(SENTENCES))), device=device)
-    initial = clone(trainer.loss.state_dict())
-    for _ in range(STEPS):
-        trainer.train_step()
-    return trainer.student.model.state_dict(), trainer.loss.state_dict(), initial
+    from ibkd.distill.config import TrainConfig
+    from ibkd.distill.trainer import run
+
+    rank, world = rank_world()
+    inputs = out / f"cli-inputs-rank{rank}-world{world}"  # per process: no two writers of one file
+    inputs.mkdir(exist_ok=True)
+    (inputs / "corpus.txt").write_text("\n".join(SENTENCES) + "\n")
+    np.save(inputs / "teacher.npy", teacher_vectors(len(SENTENCES)))
+    cfg = TrainConfig.from_dict(dict(
+        teacher=model_dir, student_layers="0,2", corpus=str(inputs / "corpus.txt"),
+        teacher_embeddings=str(inputs / "teacher.npy"), output_dir=str(out / f"cli-world{world}"),
+        per_device_train_batch_size=batch, max_steps=STEPS, learning_rate=1e-2, warmup_ratio=0.0, progress=False,
+        plot=False, dev=None, test=None, beta_calibration_steps=2, projection_init="random", device="cpu",
+        save_steps=1000, seed=0, max_length=16))
+    run(cfg)
+    if rank:
+        return None
+    final = Path(cfg.output_dir) / "final"
+    initial = {"projection.weight": torch.full((1,), float("nan"))}  # P's start is not exported
+    return load_file(str(final / "model.safetensors")), load_file(str(final / "ibkd_projection.safetensors")), initial
 
 
 def main(argv=None) -> None:
@@ -112,12 +120,19 @@ def main(argv=None) -> None:
     elif mode == "hf":
         student, loss, initial = run_hf(model_dir, out, batch)
     elif mode == "cli":
-        student, loss, initial = run_cli(model_dir, out, batch)
+        exported = run_cli(model_dir, out, batch)
+        if exported is None:
+            return _finish()
+        student, loss, initial = exported
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     rank, world = rank_world()
     torch.save({"student": clone(student), "loss": clone(loss), "initial_loss": initial},
                out / f"{mode}-world{world}-rank{rank}.pt")
+    _finish()
+
+
+def _finish() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():  # both ranks leave their collectives before either tears gloo down

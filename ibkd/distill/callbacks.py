@@ -18,13 +18,15 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
+from .errors import TrainingStopped
+
 log = logging.getLogger("ibkd.distill")
 
 LOG_NAME = "train_log.jsonl"
 TERMS = ("loss", "infonce", "hsic", "mse", "beta", "grad_norm_infonce", "grad_norm_hsic")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(TrainingStopped):
     """The loss became NaN/Inf; the message names the step, the term and the last good checkpoint."""
 
 

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .config import (ALIASES, DATA_DIR_ENV, TrainConfig, check_device, field_kind, field_parser, load_yaml_mapping,
+from .config import (ALIASES, DATA_DIR_ENV, TrainConfig, check_device, resolve_device, field_kind, field_parser, load_yaml_mapping,
                      preflight)
 from .errors import UsageError
 from .stsb import stsb_path
@@ -212,16 +212,6 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
             raise UsageError(f"ibkd {args.command} has no setting {key}")
         values[key] = yaml.safe_load(raw)
     return TrainConfig.from_dict(values)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; other values as given (after :func:`check_device`)."""
-    check_device(device)
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _quiet_libraries() -> None:

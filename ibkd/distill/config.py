@@ -460,6 +460,16 @@ def check_device(device: str, flag: str = "--device") -> None:
         raise ConfigError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; other values as given (after :func:`check_device`)."""
+    check_device(device)
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 def _is_dataset_spec(value: str) -> bool:
     """A corpus that :func:`ibkd.distill.data.read_sentences` reads through ``datasets``, not a file."""
     return value.startswith("hf:") or (Path(value).is_dir() and (Path(value) / "dataset_info.json").is_file())

@@ -21,31 +21,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 from sentence_transformers.base.sampler import DefaultBatchSampler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .. import losses as ibkd_losses
 from ..integrations import sentence_transformers as st_losses
+from ._io import atomic_write_dir, atomic_write_text
 from .callbacks import (NanPolicyCallback, NonFiniteLossError, StepDelayCallback, StepTerms, TrainLogCallback,
                         finite_state)
-from .config import ConfigError, TrainConfig, check_against_model, load_saved_config, preflight, write_resolved_config
+from .config import (ConfigError, TrainConfig, check_against_model, load_saved_config, preflight, resolve_device,
+                     write_resolved_config)
 from .evaluator import sts_evaluator
 from .inputs import (build_student_encoder, corpus_sentences, distill_dataset, finetune_dataset, load_teacher,
                      teacher_vectors, to_sentence_transformer)
-from .integrity import verify_checksums, write_checksums
+from .integrity import newest_valid_checkpoint, write_checksums
 from .run_folder import claim_output_dir
 
 __all__ = ["NonFiniteLossError", "build_loss", "last_checkpoint", "run"]
 
 log = logging.getLogger("ibkd.distill")
 
-CHECKPOINT_PREFIX = "checkpoint-"
-CHECKSUMS_NAME = "ibkd_checksums.json"
 #: fields that may differ between a run and its resumption: they change how a run is watched or where it
 #: reads/writes, never the weights it ends with
 RUNTIME_FIELDS = frozenset({
@@ -137,7 +137,7 @@ class DistillationTrainer(SentenceTransformerTrainer):
 
     def _nan_message(self, term: str) -> str:
         step = self.state.global_step + 1
-        good = last_checkpoint(Path(self.args.output_dir), quiet=True)
+        good = last_checkpoint(self.args.output_dir)
         where = (f"the last good checkpoint is {good}: continue with --resume (and --allow_config_change "
                  "learning_rate with a lower --learning_rate)") if good else "no checkpoint was saved before it"
         return f"non-finite {term} at step {step}; {where}"
@@ -155,25 +155,15 @@ class DistillationTrainer(SentenceTransformerTrainer):
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
         if self.args.should_save:  # the manifest last: a checkpoint without one was not completely written
-            write_checksums(Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}")
+            write_checksums(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
 
 
 # -- checkpoints and resume ----------------------------------------------------------------------------
 
-def last_checkpoint(output_dir, *, quiet: bool = False) -> Optional[Path]:
-    """The newest complete ``checkpoint-<step>`` of a run. One without a checksum manifest was interrupted
-    while being written: it is skipped with a warning. One whose files do not match their checksums raises
-    :class:`~ibkd.distill.integrity.IntegrityError` (naming the file) rather than silently falling back."""
-    folders = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
-               if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    for folder in sorted(folders, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), reverse=True):
-        if not (folder / CHECKSUMS_NAME).is_file():
-            if not quiet:
-                log.warning("%s was not completely written (no checksums): ignored", folder)
-            continue
-        verify_checksums(folder, what="checkpoint")
-        return folder
-    return None
+def last_checkpoint(output_dir) -> Optional[Path]:
+    """The newest complete, verified ``checkpoint-<step>`` of a run (:func:`.integrity.newest_valid_checkpoint`:
+    an unfinished one is skipped with a warning, a damaged one raises naming the file)."""
+    return newest_valid_checkpoint(output_dir)
 
 
 def check_resumable(cfg: TrainConfig, output_dir: Path) -> None:
@@ -193,12 +183,6 @@ def check_resumable(cfg: TrainConfig, output_dir: Path) -> None:
 
 
 # -- the run -------------------------------------------------------------------------------------------
-
-def _device(cfg: TrainConfig) -> str:
-    if cfg.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.device
-
 
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
@@ -230,19 +214,17 @@ def training_arguments(cfg: TrainConfig, device: str, evaluate: bool) -> Sentenc
 
 def _export(trainer_or_model, loss, folder: Path) -> None:
     """The student (sentence-transformers folder with its model card) and the loss state beside it, with
-    checksums; ``folder`` is replaced only once complete."""
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(trainer_or_model, SentenceTransformerTrainer):
-        trainer_or_model.save_model(str(tmp))
-    else:
-        trainer_or_model.save(str(tmp))
-    if loss is not None:
-        ibkd_losses.save_loss_state(loss.ibkd, tmp)
-    write_checksums(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    checksums; ``folder`` is replaced only once complete (:func:`._io.atomic_write_dir`)."""
+    def fill(tmp: Path) -> None:
+        if isinstance(trainer_or_model, SentenceTransformerTrainer):
+            trainer_or_model.save_model(str(tmp))
+        else:
+            trainer_or_model.save(str(tmp))
+        if loss is not None:
+            ibkd_losses.save_loss_state(loss.ibkd, tmp)
+        write_checksums(tmp)
+
+    atomic_write_dir(folder, fill)
 
 
 def _evaluate(model, cfg: TrainConfig) -> dict:
@@ -263,7 +245,7 @@ def run(cfg: TrainConfig) -> dict:
     preflight(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    out, device, main = Path(cfg.output_dir), _device(cfg), _is_main()
+    out, device, main = Path(cfg.output_dir), resolve_device(cfg.device), _is_main()
     lock = claim_output_dir(out, resume=cfg.resume, overwrite=cfg.overwrite_output_dir) if main else None
     try:
         checkpoint = None
@@ -278,11 +260,12 @@ def run(cfg: TrainConfig) -> dict:
         teacher = load_teacher(cfg)
         if teacher is not None:
             check_against_model(cfg, teacher.num_layers, teacher.config.max_position_embeddings)
-        student = build_student_encoder(cfg, teacher)
+        # before the training arguments start the process group: under it, Hugging Face's save_pretrained writes
+        # on the main process only, and the model goes through a folder
+        model = to_sentence_transformer(build_student_encoder(cfg, teacher), device)
         summary = {"steps": 0}
         if cfg.method == "none":
             del teacher
-            model = to_sentence_transformer(student, device)
             if main:
                 _export(model, None, out / "final")
         else:
@@ -296,7 +279,6 @@ def run(cfg: TrainConfig) -> dict:
             else:
                 dataset = finetune_dataset(cfg)
             del teacher
-            model = to_sentence_transformer(student, device)
             loss = build_loss(cfg, model, teacher_dim)
             terms, params = StepTerms(), [p for p in list(model.parameters()) + list(loss.parameters())]
             nan_callback = NanPolicyCallback(params, cfg.max_nan_skips)
@@ -317,7 +299,7 @@ def run(cfg: TrainConfig) -> dict:
                 _export(trainer, loss, out / "final")
         if main:
             summary.update(_evaluate(model, cfg), student=str(out / "final"), log=str(out / "train_log.jsonl"))
-            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+            atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
             if cfg.plot and (out / "train_log.jsonl").exists():
                 from .plotting import plot_training_log
 
