@@ -1,0 +1,410 @@
+"""Training-step throughput (issue 14): one real GradCache distillation step, fused vs reference loss.
+
+What one step is (the path ``ibkd distill --grad_cache_chunk`` trains through):
+
+* student: layers 0 and 5 of the offline teacher all-MiniLM-L6-v2 (``Encoder.load("default")`` +
+  ``subset_layers``), as a SentenceTransformer (Transformer + mean pooling), max_length 64, train mode
+  (dropout on, replayed by GradCache);
+* loss: :class:`ibkd.integrations.sentence_transformers.CachedIBKDDistillationLoss`, i.e.
+  :class:`ibkd.losses.IBKDLoss` (InfoNCE(P(s), t) + β·HSIC(x, s), x = the mean-pooled embedding-layer
+  output) with ``backend="reference"`` or ``backend="cpu"``; β fixed at 1.0 (``"auto"`` would add
+  gradient-norm passes in its first 8 steps only; any β > 0 computes the same HSIC);
+* GradCache: the batch is embedded in chunks of ``IBKD_BENCH_TRAIN_CHUNK`` rows without a graph, the
+  loss and its backward run on the whole batch's embeddings, then every chunk is embedded again with a
+  graph and receives its cached gradient;
+* then AdamW over the student and the projection P, and ``zero_grad``.
+
+Timed: embed + loss + backward (re-embedding) + optimizer step, under ``torch.autocast("cpu",
+torch.bfloat16)`` for the bf16 rows (the re-embedding in the backward hook included). Not timed: the
+tokenisation of the batch (the data collator's job, the same for both losses) and the teacher vectors
+(pre-computed, as the teacher cache does). Sentences: the wiki corpus
+(``$IBKD_DATA_DIR/wiki/wiki_sentences.txt``, default /work/shared/data), the first B lines, cycled when
+B exceeds its 11,914 lines.
+
+Protocol (as ``protocol.py`` for the kernels): both losses in the same process, warmed up once, then
+interleaved rounds with the order rotating (reference, cpu; cpu, reference; ...); median over rounds.
+Besides the step, the loss alone (IBKDLoss forward + backward on (B, 384) tensors, same autocast) is
+timed in the same rounds, to show its share of the step. The GEMM ceiling of the machine is measured
+at the start and the end of the session (``protocol.worker_ceiling`` in a fresh process); if it moved
+by more than 20 % the results are written to ``...-noisy.json`` and must not be published.
+Memory: one fresh process per (B, dtype, loss): setup, one full warm-up step (AdamW's state and the
+one-time allocations exist afterwards), ``malloc_trim``, peak RSS reset (``/proc/self/clear_refs`` =
+5), one step; reported: the peak RSS of the step (``VmHWM``, the training process's real footprint)
+and the extra over the RSS just before it.
+
+Environment switches:
+
+* ``IBKD_BENCH_TRAIN_FULL=1``   the issue's sizes, B ∈ {4096, 16384}; results in
+  ``results/train-step-<machine>.json``. Without it: a smoke run at B = 512, results in
+  ``results/quick/`` (not committed). On 2 cores a B = 16384 step takes minutes: the full run is
+  ~1.5 h (rounds and memory processes included); run it on a quiet machine only.
+* ``IBKD_BENCH_TRAIN_BATCH=a,b``  batch sizes (overrides the above; the results file stays where
+  FULL says).
+* ``IBKD_BENCH_TRAIN_DTYPES``     default ``float32,bfloat16``.
+* ``IBKD_BENCH_TRAIN_CHUNK``      GradCache chunk (rows embedded at once), default 128.
+* ``IBKD_BENCH_TRAIN_ROUNDS``     interleaved rounds after the warm-up, default 3.
+* ``IBKD_BENCH_TRAIN_MEMORY=0``   skip the memory processes.
+* ``IBKD_BENCH_NOTE=...``         free-text note stored in the results.
+
+    pytest benchmarks/test_bench_train_step.py                              # smoke, B = 512
+    IBKD_BENCH_TRAIN_FULL=1 pytest benchmarks/test_bench_train_step.py      # B = 4096, 16384
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import datetime
+import gc
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the step process forks memory children
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import bench_common as bc  # noqa: E402
+
+
+def _env_list(name: str, default: list) -> list:
+    raw = os.environ.get(name, "").strip()
+    return [v.strip() for v in raw.split(",") if v.strip()] if raw else default
+
+
+FULL = os.environ.get("IBKD_BENCH_TRAIN_FULL", "0").lower() in ("1", "true", "yes", "on")
+BATCHES = [int(b) for b in _env_list("IBKD_BENCH_TRAIN_BATCH", ["4096", "16384"] if FULL else ["512"])]
+DTYPES = _env_list("IBKD_BENCH_TRAIN_DTYPES", ["float32", "bfloat16"])
+LOSS_BACKENDS = ["reference", "cpu"]
+CHUNK = int(os.environ.get("IBKD_BENCH_TRAIN_CHUNK", "128"))
+ROUNDS = int(os.environ.get("IBKD_BENCH_TRAIN_ROUNDS", "3"))
+MEMORY = os.environ.get("IBKD_BENCH_TRAIN_MEMORY", "1") != "0"
+MAX_LENGTH = 64
+STUDENT_LAYERS = [0, 5]
+BETA = 1.0
+LEARNING_RATE = 1e-5
+NOISE_LIMIT = 0.20  # the protocol's: a ceiling that moved more than this marks the run noisy
+CHILD_TIMEOUT_S = 3 * 3600
+
+
+def results_path(noisy: bool = False) -> str:
+    name = f"train-step-{bc.machine_id('cpu')}{'-noisy' if noisy else ''}.json"
+    return os.path.join(HERE, "results", "" if FULL else "quick", name)
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+def wiki_sentences(count: int) -> list[str]:
+    data_dir = os.environ.get("IBKD_DATA_DIR") or "/work/shared/data"
+    path = os.path.join(data_dir, "wiki", "wiki_sentences.txt")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    return [lines[i % len(lines)] for i in range(count)]
+
+
+def write_student(folder: str) -> None:
+    """The 2-layer student (teacher layers 0 and 5) as a SentenceTransformer folder."""
+    from ibkd.distill.models import Encoder, subset_layers
+
+    teacher = Encoder.load("default", max_length=MAX_LENGTH)
+    subset_layers(teacher, STUDENT_LAYERS).save(folder)
+
+
+def teacher_vectors(sentences: list[str]) -> torch.Tensor:
+    """The teacher's vectors of ``sentences`` (each distinct sentence encoded once), fp32."""
+    from ibkd.distill.models import Encoder
+
+    teacher = Encoder.load("default", max_length=MAX_LENGTH)
+    distinct = list(dict.fromkeys(sentences))
+    vectors = teacher.encode(distinct, batch_size=128, amp="off")
+    index = {s: i for i, s in enumerate(distinct)}
+    return vectors[torch.tensor([index[s] for s in sentences])].contiguous()
+
+
+def autocast(dtype: str):
+    if dtype == "bfloat16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    if dtype != "float32":
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype!r}")
+    return contextlib.nullcontext()
+
+
+def make_train_step(student_dir: str, sentences: list[str], teacher: torch.Tensor, backend: str, dtype: str,
+                    seed: int = 0):
+    """A zero-argument callable running one GradCache training step; returns the loss value."""
+    from sentence_transformers import SentenceTransformer
+
+    from ibkd.integrations.sentence_transformers import CachedIBKDDistillationLoss
+
+    torch.manual_seed(seed)
+    model = SentenceTransformer(student_dir, device="cpu")
+    model.max_seq_length = MAX_LENGTH
+    model.train()
+    loss_fn = CachedIBKDDistillationLoss(model, teacher_dim=teacher.shape[1], mini_batch_size=CHUNK, beta=BETA,
+                                         backend=backend)
+    optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=LEARNING_RATE)  # the student's and P's
+    features = model.tokenize(sentences)  # the collator's work: outside the step
+
+    def step() -> float:
+        with autocast(dtype):
+            parts = loss_fn([features], teacher)
+            total = sum(parts.values())
+            total.backward()  # GradCache: the chunks are embedded again in here
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(total.detach())
+
+    return step, features["input_ids"].shape
+
+
+def make_loss_step(teacher: torch.Tensor, backend: str, dtype: str):
+    """The loss alone on (B, 384) leaves, forward + backward, under the same autocast: its share of a step."""
+    from ibkd.losses import IBKDLoss
+
+    gen = torch.Generator().manual_seed(1)
+    b, d = teacher.shape
+    s = (teacher + 0.3 * torch.randn(b, d, generator=gen)).requires_grad_()
+    x = torch.randn(b, d, generator=gen).requires_grad_()
+    loss_fn = IBKDLoss(d, d, beta=BETA, backend=backend).train()
+
+    def step() -> None:
+        with autocast(dtype):
+            out = loss_fn(s, teacher, x)
+            grads = torch.autograd.grad(out["loss"], [s, x, *loss_fn.parameters()])
+        del grads
+
+    return step
+
+
+# --------------------------------------------------------------------------------- memory child
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def memory_child(spec: dict) -> dict:
+    """In a fresh process: peak RSS of one training step after a full-size warm-up step."""
+    torch.set_num_threads(spec["threads"])
+    teacher = torch.load(spec["teacher_path"])
+    sentences = wiki_sentences(teacher.shape[0])
+    step, _ = make_train_step(spec["student_dir"], sentences, teacher, spec["backend"], spec["dtype"])
+    step()  # AdamW's state, thread pools, one-time allocations
+    gc.collect()
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages go back, so the step re-faults them
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := current RSS
+    before = _status_kib("VmRSS")
+    step()
+    peak = _status_kib("VmHWM")
+    return {"peak_bytes": peak * 1024, "rss_before_bytes": before * 1024, "extra_bytes": max(0, peak - before) * 1024,
+            "method": "fresh process; warm-up step, malloc_trim, clear_refs=5; VmHWM of one step (extra: - VmRSS before)"}
+
+
+def spawn_memory(spec: dict) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        return {"error": f"memory process exited with {proc.returncode}: {' | '.join(tail)}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------- results, noise
+
+
+class Run:
+    """What the session measured; written after every case (``complete`` false until the end)."""
+
+    def __init__(self, threads: int):
+        self.doc = {
+            "schema": 1, "kind": "train-step", "quick": not FULL, "complete": False,
+            "machine": bc.machine_info("cpu"), "note": os.environ.get("IBKD_BENCH_NOTE", ""),
+            "started_at": _now(),
+            "settings": {"student": "all-MiniLM-L6-v2 layers " + ",".join(map(str, STUDENT_LAYERS)),
+                         "max_length": MAX_LENGTH, "grad_cache_chunk": CHUNK, "beta": BETA,
+                         "optimizer": f"AdamW lr={LEARNING_RATE}", "rounds": ROUNDS, "threads": threads,
+                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+                         "loss": "CachedIBKDDistillationLoss (IBKDLoss defaults: tau 1.0, gamma 1.0, "
+                                 "normalized HSIC inputs, identity-initialised P)",
+                         "data": "wiki_sentences.txt, first B lines (cycled)"},
+            "ceiling": {}, "cases": [],
+        }
+
+    def add(self, case: dict) -> None:
+        self.doc["cases"].append(case)
+        self.write(results_path() + ".running")
+
+    def write(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.doc, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+    def finish(self) -> str:
+        start = (self.doc["ceiling"].get("start") or {}).get("gflops") or {}
+        end = (self.doc["ceiling"].get("end") or {}).get("gflops") or {}
+        moved = {k: abs(end[k] - start[k]) / start[k] for k in start if k in end and start[k] > 0}
+        self.doc["ceiling_moved"] = moved
+        self.doc["noisy"] = (not moved) or any(v > NOISE_LIMIT for v in moved.values())
+        self.doc["complete"] = True
+        self.doc["finished_at"] = _now()
+        path = results_path(noisy=self.doc["noisy"])
+        self.write(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(results_path() + ".running")
+        return path
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def ceiling(threads: int) -> dict:
+    import protocol
+
+    return protocol._spawn("ceiling", {"threads": threads}, os.environ.get("OMP_WAIT_POLICY", "default"), 600)
+
+
+# ---------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def run():
+    threads = torch.get_num_threads()
+    r = Run(threads)
+    r.doc["ceiling"]["start"] = ceiling(threads)
+    r.doc["load_start"] = bc.load_snapshot()
+    yield r
+    r.doc["ceiling"]["end"] = ceiling(threads)
+    r.doc["load_end"] = bc.load_snapshot()
+    path = r.finish()
+    verdict = "NOISY (ceiling moved > 20 %): not publishable, re-run on a quiet machine" if r.doc["noisy"] else "ceiling steady"
+    print(f"\ntrain-step results: {os.path.relpath(path, ROOT)}; ceiling moved {r.doc['ceiling_moved']}; {verdict}")
+
+
+@pytest.fixture(scope="module")
+def workdir():
+    with tempfile.TemporaryDirectory(prefix="ibkd-train-step-") as d:
+        write_student(os.path.join(d, "student"))
+        yield d
+
+
+_TEACHER: dict[int, str] = {}
+
+
+def teacher_file(workdir: str, batch: int) -> str:
+    """The teacher vectors of the first ``batch`` sentences, computed once per batch size."""
+    if batch not in _TEACHER:
+        path = os.path.join(workdir, f"teacher-{batch}.pt")
+        torch.save(teacher_vectors(wiki_sentences(batch)), path)
+        _TEACHER[batch] = path
+    return _TEACHER[batch]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch", BATCHES)
+def test_train_step(benchmark, run, workdir, batch, dtype):
+    from ibkd.backend import get_backend
+
+    reason = get_backend("cpu").unavailable_reason()
+    if reason:
+        pytest.skip(f"the cpu backend is unavailable: {reason}")
+    benchmark.group = f"train-step-{dtype}-B{batch}"
+    threads = torch.get_num_threads()
+    student_dir = os.path.join(workdir, "student")
+    teacher_path = teacher_file(workdir, batch)
+    teacher = torch.load(teacher_path)
+    sentences = wiki_sentences(batch)
+
+    peers = {}
+    for backend in LOSS_BACKENDS:
+        step, token_shape = make_train_step(student_dir, sentences, teacher, backend, dtype)
+        loss_step = make_loss_step(teacher, backend, dtype)
+        t0 = time.perf_counter()
+        first_loss = step()
+        first = time.perf_counter() - t0
+        loss_step()
+        peers[backend] = {"step": step, "loss_step": loss_step, "first_call_s": first, "first_loss": first_loss,
+                          "times_s": [], "loss_times_s": [], "order": []}
+        gc.collect()
+
+    names = list(peers)
+    rounds_done = [0]
+
+    def one_round():  # every peer once, the order rotating from round to round
+        r = rounds_done[0]
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            p = peers[name]
+            gc.collect()
+            t0 = time.perf_counter()
+            p["step"]()
+            p["times_s"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            p["loss_step"]()
+            p["loss_times_s"].append(time.perf_counter() - t0)
+            p["order"].append(order.index(name))
+        rounds_done[0] += 1
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
+    if not rounds_done[0]:  # --benchmark-disable may skip the target entirely
+        one_round()
+
+    case = {"batch": batch, "dtype": dtype, "tokens_per_sentence": int(token_shape[1]), "threads": threads,
+            "measured_at": _now(), "load": bc.load_snapshot(), "peers": {}}
+    for name, p in peers.items():
+        step_s = statistics.median(p["times_s"])
+        loss_s = statistics.median(p["loss_times_s"])
+        rec = {"median_s": step_s, "min_s": min(p["times_s"]), "max_s": max(p["times_s"]), "times_s": p["times_s"],
+               "first_call_s": p["first_call_s"], "sentences_per_s": batch / step_s,
+               "loss_only_median_s": loss_s, "loss_only_times_s": p["loss_times_s"], "loss_share": loss_s / step_s,
+               "first_loss": p["first_loss"]}
+        if MEMORY:
+            rec["memory"] = spawn_memory({"threads": threads, "student_dir": student_dir, "teacher_path": teacher_path,
+                                          "backend": name, "dtype": dtype})
+        case["peers"][name] = rec
+        benchmark.extra_info[f"{name}_sentences_per_s"] = rec["sentences_per_s"]
+    ref, fused = case["peers"]["reference"], case["peers"]["cpu"]
+    case["cpu_vs_reference"] = {
+        "step_time_ratio": fused["median_s"] / ref["median_s"],
+        "throughput_gain": fused["sentences_per_s"] / ref["sentences_per_s"] - 1.0,
+        "loss_time_ratio": fused["loss_only_median_s"] / ref["loss_only_median_s"],
+    }
+    if MEMORY and "peak_bytes" in ref.get("memory", {}) and "peak_bytes" in fused.get("memory", {}):
+        case["cpu_vs_reference"]["peak_memory_ratio"] = fused["memory"]["peak_bytes"] / ref["memory"]["peak_bytes"]
+    benchmark.extra_info.update(case["cpu_vs_reference"])
+    run.add(case)
+    # Same seed, data and initial weights: the first step's loss must agree (bf16: the reference's
+    # logits and HSIC statistics are bf16 under autocast, the fused kernels' are fp32)
+    first = {name: peers[name]["first_loss"] for name in LOSS_BACKENDS}
+    tol = 2e-2 if dtype == "bfloat16" else 1e-4
+    assert all(math.isfinite(v) for v in first.values()), first
+    assert abs(first["cpu"] - first["reference"]) <= tol * max(1.0, abs(first["reference"])), first
+    for name in LOSS_BACKENDS:
+        assert "error" not in case["peers"][name].get("memory", {}), case["peers"][name]["memory"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory":
+        print(json.dumps(memory_child(json.loads(sys.argv[2]))))
+    else:
+        sys.exit("usage: pytest benchmarks/test_bench_train_step.py (or --memory SPEC, used by the benchmark)")
