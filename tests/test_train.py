@@ -181,3 +181,15 @@ def test_an_unfinished_checkpoint_is_skipped_for_the_previous_one(files, tmp_pat
 def test_evaluation_during_training_exports_the_best_dev_checkpoint(files, tmp_path):
     summary = run(config(files, tmp_path / "out", max_steps=2, eval_steps=1, dev=str(files / "sts.csv")))
     assert summary["best_checkpoint"] is not None and "dev_spearman" in summary
+
+
+def test_report_to_tensorboard_writes_events(files, tmp_path):
+    pytest.importorskip("tensorboard")
+    run(config(files, tmp_path / "out", max_steps=1, report_to="tensorboard"))
+    assert list((tmp_path / "out").rglob("events.out.tfevents.*"))
+
+
+def test_report_to_an_unknown_integration_is_refused_before_training(files, tmp_path):
+    with pytest.raises(ConfigError, match="report_to must be none or one of"):
+        run(config(files, tmp_path / "out", report_to="tensorbored"))
+    assert not (tmp_path / "out").exists()

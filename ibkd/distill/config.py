@@ -486,11 +486,26 @@ def input_fields(cfg: TrainConfig) -> list:
     return names
 
 
+def check_report_to(value: str) -> None:
+    """``--report_to``: none, or a Hugging Face reporting integration whose package is installed (the trainer
+    would otherwise fail after the model and data are loaded)."""
+    if value in (None, "none"):
+        return
+    from transformers.integrations.integration_utils import (INTEGRATION_TO_CALLBACK,
+                                                             get_available_reporting_integrations)
+
+    if value not in INTEGRATION_TO_CALLBACK:
+        raise ConfigError(f"report_to must be none or one of {', '.join(sorted(INTEGRATION_TO_CALLBACK))}, got {value!r}")
+    if value not in get_available_reporting_integrations():
+        raise ConfigError(f"report_to {value} needs its package installed (e.g. pip install {value})")
+
+
 def preflight(cfg: TrainConfig, fields: Optional[list] = None) -> dict:
     """Everything a run can be refused for before a model is loaded: the device, and every input file of
     ``fields`` (default :func:`input_fields`). Returns ``{field: resolved path}`` of the inputs given. Each
     failure is one ConfigError naming the file and the flag (dev/test: and ``--no_eval``)."""
     check_device(cfg.device)
+    check_report_to(cfg.report_to)
     found = {}
     for name in (input_fields(cfg) if fields is None else fields):
         value = getattr(cfg, name)
