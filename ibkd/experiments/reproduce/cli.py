@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import transformers
+
 from ...distill.errors import run_reporting_errors
 from .plan import GROUPS, run_plan
 from .render import write_outputs
@@ -66,6 +68,8 @@ def _run_cli(args) -> int:
             raise ReproduceError(f"--render_only: no results file {results}")
         doc = json.loads(results.read_text())
     else:
+        if not args.progress:  # the loaders' bars too (one per model load: several per row)
+            transformers.utils.logging.disable_progress_bar()
         set_threads(spec.get("num_threads"))
         argv = ["reproduce", "--config", args.config] + (["--quick"] if args.quick else [])
         argv += (["--rows", args.rows] if args.rows else []) + (["--output_dir", args.output_dir] if args.output_dir else [])
