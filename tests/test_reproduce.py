@@ -359,7 +359,7 @@ def test_interrupted_row_resumes_from_its_checkpoint(workspace, monkeypatch):
         return max(Path(output_dir).glob("checkpoint-*"), default=None)
 
     monkeypatch.setattr(ibkd.distill.trainer, "run", crashing_run)
-    monkeypatch.setattr(ibkd.distill.trainer, "last_checkpoint", last_checkpoint, raising=False)
+    monkeypatch.setattr(ibkd.distill.trainer, "last_checkpoint", last_checkpoint)
     code, _, err = cli(["--config", write_config(root, crash, "crash.yaml"), *argv])
     assert code == 1 and "row(s) failed: mse-s1, mse-s2, mse-s3" in err and "simulated crash" in err
     assert calls == [(f"mse-s{s}", False, True) for s in SEEDS]  # fresh rows may replace a previous run
@@ -374,6 +374,38 @@ def test_interrupted_row_resumes_from_its_checkpoint(workspace, monkeypatch):
     crash["common"]["learning_rate"] = 2e-3  # other settings: the checkpoint is not theirs
     code, _, err = cli(["--config", write_config(root, crash, "crash.yaml"), *argv])
     assert code == 1 and calls == [(f"mse-s{s}", False, True) for s in SEEDS]
+
+
+def test_resumed_row_ends_where_an_uninterrupted_one_does(reproduced, monkeypatch):
+    # with the real trainer: a row that died after its step-1 checkpoint is resumed on the rerun and scores
+    # exactly what the uninterrupted row of the main run scored
+    root, spec, _, doc, _ = reproduced
+    crash = json.loads(json.dumps(spec))
+    crash["output_dir"] = str(root / "resume-out")
+    crash["common"]["save_steps"] = 1  # not hashed: the rows are the main run's rows
+    config = write_config(root, crash, "resume.yaml")
+    argv = ["--config", config, "--rows", "mse", "--results", str(root / "resume.json"), "--readme", "none",
+            "--no-progress"]
+    real_run, calls = ibkd.distill.trainer.run, []
+
+    def dies_at_the_end(cfg):
+        real_run(cfg)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(ibkd.distill.trainer, "run", dies_at_the_end)
+    assert cli(argv)[0] == 1
+    folder = root / "resume-out" / "mse-s1"
+    for later in ("checkpoint-2", "final"):  # as if killed right after the step-1 checkpoint
+        shutil.rmtree(folder / later)
+    monkeypatch.setattr(ibkd.distill.trainer, "run", lambda cfg: calls.append(cfg.resume) or real_run(cfg))
+    code, _, err = cli(argv)
+    assert code == 0, err
+    assert calls == [True, True, True] and "resuming mse-s1 from" in err
+    resumed = {r["name"]: r for r in json.loads((root / "resume.json").read_text())["rows"]}
+    original = {r["name"]: r for r in doc["rows"]}
+    assert resumed["mse-s1"]["steps"] == 2 and not list(folder.glob("checkpoint-*"))
+    for name in ("mse-s1", "mse-s2"):
+        assert resumed[name]["dev_spearman"] == pytest.approx(original[name]["dev_spearman"], abs=1e-4), name
 
 
 def test_data_folder_comes_from_the_flag_or_the_environment(workspace, monkeypatch):
