@@ -37,35 +37,47 @@ _float_list = _comma_list(float, "number", "1e-3,3e-3")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The flags of ``ibkd compress-embeddings``."""
-    parser.add_argument("--teacher", default="default", help="teacher whose word-embedding table is distilled "
-                        "(folder, hub id, or 'default' = the offline all-MiniLM-L6-v2)")
-    parser.add_argument("--dim", type=int, default=None, help="d_small of a single run")
-    parser.add_argument("--method", default="distilled", help="distilled (encoding of the big table) or direct (baseline)")
-    parser.add_argument("--activation", default="tanh", help=f"encoder non-linearity f: {', '.join(ACTIVATIONS)}")
-    parser.add_argument("--seed", type=int, default=0)
+    """The flags of ``ibkd compress-embeddings`` (each with its help and default; underscore and dashed
+    spellings both work, like the other commands)."""
+    d = EmbeddingTaskConfig()
+
+    def flag(name: str, **kwargs) -> None:
+        spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        parser.add_argument(*spellings, dest=name, **kwargs)
+
+    flag("teacher", default="default", help="teacher whose word-embedding table is distilled (folder, hub id, or "
+         "'default' = the offline all-MiniLM-L6-v2) (default: default)")
+    flag("dim", type=int, default=None, help="d_small of a single run")
+    flag("method", default="distilled", help="distilled (encoding of the big table) or direct (the baseline) "
+         "(default: distilled)")
+    flag("activation", default=d.activation, help=f"encoder non-linearity f: {', '.join(ACTIVATIONS)} "
+         f"(default: {d.activation})")
+    flag("seed", type=int, default=0, help="seed of the task network, the table and the data order (default: 0)")
     parser.add_argument("--output_dir", "--output", dest="output", default=None,
-                        help="folder for the small table (single run)")
-    parser.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None,
-                        help="folder holding sts/stsbenchmark/ (default: $IBKD_DATA_DIR)")
-    parser.add_argument("--train", default=None, help="STS-B train file (overrides --data-dir)")
-    parser.add_argument("--dev", default=None, help="STS-B dev file (overrides --data-dir)")
-    parser.add_argument("--test", default=None, help="STS-B test file (overrides --data-dir)")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--lr", type=float, default=None, help="fixed learning rate (default: choose from --lr-grid on dev)")
-    parser.add_argument("--lr-grid", type=_float_list, default=list(DEFAULT_LR_GRID))
-    parser.add_argument("--task-hidden", type=int, default=None)
-    parser.add_argument("--task-activation", default=None)
-    parser.add_argument("--teacher-weight", type=float, default=None, help="weight of the soft-target term (default 0)")
-    parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--num-threads", type=int, default=None, help="torch threads while training (default 1)")
-    parser.add_argument("--compare", action="store_true", help="distilled vs direct for --sizes x --seeds")
-    parser.add_argument("--sizes", type=_int_list, default=list(DEFAULT_SIZES))
-    parser.add_argument("--seeds", type=_int_list, default=list(DEFAULT_SEEDS))
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--report", default=None, help="JSON file for the comparison")
+                        help="folder for the small table of a single run")
+    flag("data_dir", default=None, help="folder holding sts/stsbenchmark/ (default: $IBKD_DATA_DIR)")
+    flag("train", default=None, help="STS-B train file (instead of the one under --data_dir)")
+    flag("dev", default=None, help="STS-B dev file (instead of the one under --data_dir)")
+    flag("test", default=None, help="STS-B test file (instead of the one under --data_dir)")
+    flag("epochs", type=int, default=None, help=f"epochs; the best on dev is kept (default: {d.epochs})")
+    flag("batch_size", type=int, default=None, help=f"pairs per batch (default: {d.batch_size})")
+    flag("lr", type=float, default=None, help="a fixed learning rate (default: chosen from --lr_grid on dev)")
+    flag("lr_grid", type=_float_list, default=list(DEFAULT_LR_GRID),
+         help=f"learning rates tried, the best on dev kept (default: {','.join(map(str, DEFAULT_LR_GRID))})")
+    flag("task_hidden", type=int, default=None, help=f"width of the task network (default: {d.task_hidden})")
+    flag("task_activation", default=None, help=f"non-linearity of the task network (default: {d.task_activation})")
+    flag("teacher_weight", type=float, default=None,
+         help=f"weight of the soft-target term (default: {d.teacher_weight:g})")
+    flag("max_length", type=int, default=None, help=f"tokens per sentence (default: {d.max_length})")
+    flag("device", default=None, help=f"cpu, cuda[:i] or auto (default: {d.device})")
+    flag("num_threads", type=int, default=None, help=f"torch threads while training (default: {d.num_threads})")
+    flag("compare", action="store_true", help="distilled vs direct for every --sizes x --seeds")
+    flag("sizes", type=_int_list, default=list(DEFAULT_SIZES),
+         help=f"--compare: table widths (default: {','.join(map(str, DEFAULT_SIZES))})")
+    flag("seeds", type=_int_list, default=list(DEFAULT_SEEDS),
+         help=f"--compare: seeds (default: {','.join(map(str, DEFAULT_SEEDS))})")
+    flag("methods", default=",".join(METHODS), help=f"--compare: arms (default: {','.join(METHODS)})")
+    flag("report", default=None, help="--compare: JSON file for the comparison")
     return parser
 
 
