@@ -6,8 +6,9 @@ import dataclasses
 import pytest
 import torch
 
-from ibkd.distill.config import (ALIASES, CONFIG_FILE, ConfigError, TrainConfig, check_against_model, check_device,
-                                 field_parser, load_saved_config, preflight, write_resolved_config)
+from ibkd.distill.config import (ALIASES, CONFIG_FILE, ConfigError, TrainConfig, field_parser, load_saved_config,
+                                 write_resolved_config)
+from ibkd.distill.preflight import check_against_model, check_device, preflight
 
 
 @pytest.fixture

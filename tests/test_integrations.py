@@ -273,7 +273,7 @@ def test_hf_trainer_trains_student_and_projection_logs_and_saves(tiny_bert, tmp_
 # evaluation of a SentenceTransformer (an object with .encode that is also an nn.Module)
 # ------------------------------------------------------------------------------------------------
 def test_evaluation_accepts_a_sentence_transformer(tiny_bert):
-    from ibkd import evaluation as ev
+    from ibkd.distill import evaluation as ev
 
     model = tiny_st_model(tiny_bert)
     pairs = (SENTENCES[:6], SENTENCES[6:], [0.5, 1.0, 2.0, 3.5, 4.0, 5.0])

@@ -21,8 +21,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .config import (ALIASES, DATA_DIR_ENV, TrainConfig, check_device, resolve_device, field_kind, field_parser, load_yaml_mapping,
-                     preflight)
+from .config import ALIASES, DATA_DIR_ENV, TrainConfig, field_kind, field_parser, load_yaml_mapping
+from .preflight import preflight, resolve_device
 from .errors import UsageError
 from .stsb import stsb_path
 

@@ -34,8 +34,8 @@ from ..integrations import sentence_transformers as st_losses
 from ._io import atomic_write_dir, atomic_write_text
 from .callbacks import (NanPolicyCallback, NonFiniteLossError, StepDelayCallback, StepTerms, TrainLogCallback,
                         finite_state)
-from .config import (ConfigError, TrainConfig, check_against_model, load_saved_config, preflight, resolve_device,
-                     write_resolved_config)
+from .config import ConfigError, TrainConfig, load_saved_config, write_resolved_config
+from .preflight import check_against_model, preflight, resolve_device
 from .evaluator import sts_evaluator
 from .inputs import (build_student_encoder, corpus_sentences, distill_dataset, finetune_dataset, load_teacher,
                      teacher_vectors, to_sentence_transformer)
