@@ -41,6 +41,9 @@ struct Tuning {
   int64_t max_accumulators = 16;
   // 1: float32 tile GEMMs through oneDNN (gemm.cpp says why), 0: through ATen/MKL.
   int64_t onednn = 1;
+  // 1: bfloat16 inputs use bf16 × bf16 → float32 tile GEMMs (oneDNN, gemm.cpp), 0: they are upcast
+  // and take the float32 path (as before; for comparison and tests).
+  int64_t bf16_gemm = 1;
 };
 
 Tuning& tuning();
@@ -95,6 +98,13 @@ void parallel_chunks(int64_t n, const ChunkPlan& plan, const Body& body) {
 void gemm(const Tensor& out, const Tensor& a, const Tensor& b, double beta, double alpha);
 bool onednn_gemm_available();
 bool onednn_gemm_active();
+
+// out (float32) = beta·out + alpha·(a @ b) for bfloat16 a, b (2-D, possibly transposed views), float32
+// accumulation; see gemm.cpp. bf16_gemm_active(): the bf16 kernels use it (else they upcast).
+void gemm_bf16(const Tensor& out, const Tensor& a, const Tensor& b, double beta, double alpha);
+bool bf16_gemm_available();
+bool bf16_gemm_active();
+std::string bf16_gemm_status();
 
 // ----------------------------------------------------------------------------------- kernels
 

@@ -25,6 +25,9 @@ pybind11::dict cpu_gemm_info() {
   d["onednn_available"] = ibkd::cpu::onednn_gemm_available();
   d["onednn_active"] = ibkd::cpu::onednn_gemm_active();
   d["avx512_epilogues"] = ibkd::cpu::simd::avx512_enabled();
+  d["bf16_gemm_available"] = ibkd::cpu::bf16_gemm_available();
+  d["bf16_gemm_active"] = ibkd::cpu::bf16_gemm_active();
+  d["bf16_gemm"] = ibkd::cpu::bf16_gemm_status();
   return d;
 }
 
@@ -34,9 +37,13 @@ void tile_gemm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double 
   TORCH_CHECK(out.dim() == 2 && a.dim() == 2 && b.dim() == 2, "tile_gemm: 2-D tensors expected");
   TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == b.size(1) && a.size(1) == b.size(0),
               "tile_gemm: shapes do not match: out ", out.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
-  TORCH_CHECK(out.scalar_type() == a.scalar_type() && a.scalar_type() == b.scalar_type(),
-              "tile_gemm: one dtype expected");
   TORCH_CHECK(out.is_contiguous(), "tile_gemm: out must be contiguous");
+  if (a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kFloat) {
+    ibkd::cpu::gemm_bf16(out, a, b, beta, alpha);  // the bf16 kernels' tile GEMM (bf16 × bf16 → float32)
+    return;
+  }
+  TORCH_CHECK(out.scalar_type() == a.scalar_type() && a.scalar_type() == b.scalar_type(),
+              "tile_gemm: one dtype expected (or bfloat16 a, b with a float32 out)");
   ibkd::cpu::gemm(out, a, b, beta, alpha);
 }
 
@@ -49,16 +56,19 @@ pybind11::dict cpu_tuning() {
   d["max_accumulators"] = t.max_accumulators;
   d["infonce_tile_kib"] = t.infonce_tile_kib;
   d["onednn"] = t.onednn;
+  d["bf16_gemm"] = t.bf16_gemm;
   d["simd"] = (int64_t)ibkd::cpu::simd::avx512_enabled();
   return d;
 }
 
 void set_cpu_tuning(const std::string& name, int64_t value) {
   auto& t = ibkd::cpu::tuning();
-  if (name == "onednn" || name == "simd") {  // switches: 0 or 1
+  if (name == "onednn" || name == "simd" || name == "bf16_gemm") {  // switches: 0 or 1
     TORCH_CHECK(value == 0 || value == 1, "set_cpu_tuning: ", name, " must be 0 or 1, got ", value);
     if (name == "onednn") {
       t.onednn = value;
+    } else if (name == "bf16_gemm") {
+      t.bf16_gemm = value;
     } else {
       ibkd::cpu::simd::set_avx512_enabled(value != 0);
     }
@@ -78,7 +88,7 @@ void set_cpu_tuning(const std::string& name, int64_t value) {
   } else {
     TORCH_CHECK(false, "set_cpu_tuning: unknown setting \"", name,
                 "\"; expected infonce_block_rows, infonce_max_tile_cols, infonce_tile_kib, hsic_block, "
-                "max_accumulators, onednn or simd");
+                "max_accumulators, onednn, bf16_gemm or simd");
   }
 }
 
