@@ -14,6 +14,13 @@
 //   and accumulates W X_J, W1 into block I and Wᵀ X_I, Wᵀ1 into block J (likewise V with Z):
 //     RBF: dx = −2γ_x (diag(W1) X − W X);  linear: dx = W X.
 //   2 Gram GEMMs + 4 product GEMMs per off-diagonal tile pair (per-worker n×D accumulators).
+//
+// bfloat16 inputs (when gemm_bf16 is available, see gemm.cpp): the Gram GEMMs take the bf16 inputs,
+// bf16 × bf16 → float32 (bf16 products are exact in float32: the Gram tiles are as exact as in the
+// upcast float32 path, at the bf16 rate); K, L, the statistics and W, V stay float32. W and V are
+// rounded to bf16 for the product GEMMs, and the row sums W1, V1 of the RBF gradient are taken of
+// the rounded tiles, so that dx_i = 2γ Σ_j W16_ij (x_j − x_i) stays a difference of consistent
+// terms (its rounding error scales with the spread of the rows, not with their norm).
 #include "ibkd_cpu.h"
 #include "simd.h"
 
@@ -32,6 +39,8 @@ struct HsicInputs {
   Kernel kernel;
   at::ScalarType dtype;
   int64_t n;
+  bool bf16 = false;  // bf16 tile GEMMs: x16, z16 are the bf16 inputs (contiguous)
+  Tensor x16, z16;
 };
 
 HsicInputs prepare(const char* fn, const Tensor& x, const Tensor& z, const Tensor& gammas,
@@ -56,6 +65,11 @@ HsicInputs prepare(const char* fn, const Tensor& x, const Tensor& z, const Tenso
   const auto acc = accumulation_dtype(x.scalar_type());
   in.x = x.detach().contiguous().to(acc);
   in.z = z.detach().contiguous().to(acc);
+  if (x.scalar_type() == at::kBFloat16 && bf16_gemm_active()) {
+    in.bf16 = true;
+    in.x16 = x.detach().contiguous();
+    in.z16 = z.detach().contiguous();
+  }
   in.kernel = kernel == "rbf" ? Kernel::kRbf : Kernel::kLinear;
   in.dtype = x.scalar_type();
   in.n = x.size(0);
@@ -170,6 +184,11 @@ simd::HsicTile tile_args(const HsicInputs& in, const TilePair& p, int64_t ld) {
 }
 
 void gram_tiles(const HsicInputs& in, const TilePair& p, Tensor& gx, Tensor& gz) {
+  if (in.bf16) {
+    gemm_bf16(gx, in.x16.narrow(0, p.i.start, p.i.size), in.x16.narrow(0, p.j.start, p.j.size).t(), 0.0, 1.0);
+    gemm_bf16(gz, in.z16.narrow(0, p.i.start, p.i.size), in.z16.narrow(0, p.j.start, p.j.size).t(), 0.0, 1.0);
+    return;
+  }
   gemm(gx, in.x.narrow(0, p.i.start, p.i.size), in.x.narrow(0, p.j.start, p.j.size).t(), 0.0, 1.0);
   gemm(gz, in.z.narrow(0, p.i.start, p.i.size), in.z.narrow(0, p.j.start, p.j.size).t(), 0.0, 1.0);
 }
@@ -265,6 +284,11 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
       s.vrow.assign(n, 0.0);
     }
     Tensor w_buf = at::empty({elems}, opts), v_buf = at::empty({elems}, opts);
+    Tensor w16_buf, v16_buf;
+    if (in.bf16) {
+      w16_buf = at::empty({elems}, opts.dtype(at::kBFloat16));
+      v16_buf = at::empty({elems}, opts.dtype(at::kBFloat16));
+    }
     std::vector<float> roww(bs), rowv(bs), colw(bs), colv(bs);
     for (int64_t p = p0; p < p1; ++p) {
       const TilePair& pair = pairs[p];
@@ -276,17 +300,34 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
       std::fill(rowv.begin(), rowv.end(), 0.0f);
       std::fill(colw.begin(), colw.end(), 0.0f);
       std::fill(colv.begin(), colv.end(), 0.0f);
+      // bf16 mode: the row / column sums come from the rounded tiles (below), not from here
+      const bool sums_here = rbf && !in.bf16;
       simd::hsic_tile_weights(tile_args(in, pair, rj), W.data_ptr<float>(), V.data_ptr<float>(),
                               static_cast<float>(g0), static_cast<float>(g1), static_cast<float>(g2),
                               grk_p + pair.i.start, grk_p + pair.j.start, grl_p + pair.i.start,
-                              grl_p + pair.j.start, rbf ? roww.data() : nullptr, rbf ? rowv.data() : nullptr,
-                              rbf && off ? colw.data() : nullptr, rbf && off ? colv.data() : nullptr);
+                              grl_p + pair.j.start, sums_here ? roww.data() : nullptr,
+                              sums_here ? rowv.data() : nullptr, sums_here && off ? colw.data() : nullptr,
+                              sums_here && off ? colv.data() : nullptr);
       // W and V are the (I, J) blocks of symmetric matrices: the (J, I) block is their transpose
-      gemm(s.wx.narrow(0, pair.i.start, ri), W, in.x.narrow(0, pair.j.start, rj), 1.0, 1.0);
-      gemm(s.vz.narrow(0, pair.i.start, ri), V, in.z.narrow(0, pair.j.start, rj), 1.0, 1.0);
-      if (off) {
-        gemm(s.wx.narrow(0, pair.j.start, rj), W.t(), in.x.narrow(0, pair.i.start, ri), 1.0, 1.0);
-        gemm(s.vz.narrow(0, pair.j.start, rj), V.t(), in.z.narrow(0, pair.i.start, ri), 1.0, 1.0);
+      if (in.bf16) {
+        Tensor W16 = tile_view(w16_buf, ri, rj), V16 = tile_view(v16_buf, ri, rj);
+        simd::round_bf16(W.data_ptr<float>(), rj, reinterpret_cast<uint16_t*>(W16.data_ptr<at::BFloat16>()), rj,
+                         ri, rj, /*errors=*/false, rbf ? roww.data() : nullptr, rbf && off ? colw.data() : nullptr);
+        simd::round_bf16(V.data_ptr<float>(), rj, reinterpret_cast<uint16_t*>(V16.data_ptr<at::BFloat16>()), rj,
+                         ri, rj, /*errors=*/false, rbf ? rowv.data() : nullptr, rbf && off ? colv.data() : nullptr);
+        gemm_bf16(s.wx.narrow(0, pair.i.start, ri), W16, in.x16.narrow(0, pair.j.start, rj), 1.0, 1.0);
+        gemm_bf16(s.vz.narrow(0, pair.i.start, ri), V16, in.z16.narrow(0, pair.j.start, rj), 1.0, 1.0);
+        if (off) {
+          gemm_bf16(s.wx.narrow(0, pair.j.start, rj), W16.t(), in.x16.narrow(0, pair.i.start, ri), 1.0, 1.0);
+          gemm_bf16(s.vz.narrow(0, pair.j.start, rj), V16.t(), in.z16.narrow(0, pair.i.start, ri), 1.0, 1.0);
+        }
+      } else {
+        gemm(s.wx.narrow(0, pair.i.start, ri), W, in.x.narrow(0, pair.j.start, rj), 1.0, 1.0);
+        gemm(s.vz.narrow(0, pair.i.start, ri), V, in.z.narrow(0, pair.j.start, rj), 1.0, 1.0);
+        if (off) {
+          gemm(s.wx.narrow(0, pair.j.start, rj), W.t(), in.x.narrow(0, pair.i.start, ri), 1.0, 1.0);
+          gemm(s.vz.narrow(0, pair.j.start, rj), V.t(), in.z.narrow(0, pair.i.start, ri), 1.0, 1.0);
+        }
       }
       if (rbf) {
         for (int64_t i = 0; i < ri; ++i) {

@@ -19,6 +19,18 @@
 // float32 (and half inputs, upcast to float32): the tile GEMMs go through gemm() (oneDNN, see
 // gemm.cpp) and the fused path's element-wise work (row max, exp, Σ, G = w·P − w·δ) is one
 // vectorised sweep per row (simd.cpp) while the row is in L2, instead of six ATen ops over the tile.
+//
+// bfloat16 inputs (when gemm_bf16 is available, see gemm.cpp): the tile GEMMs take the bf16 inputs
+// themselves, bf16 × bf16 → float32 at the bf16 rate: S = c·(Q_I K_Jᵀ) (alpha = c, so c·q is never
+// rounded; bf16 products are exact in float32, so S is as exact as in the upcast float32 path). Every
+// element-wise step (log-sum-exp, P, G) is float32 as before; G is then rounded to bf16 for the two
+// gradient GEMMs, row by row right after its epilogue. That rounding (≤ 2⁻⁸ relative per entry) is the
+// only extra error; its row and column sums e_i = Σ_j (G16 − G)_ij, e'_j = Σ_i (G16 − G)_ij are
+// kept, and −e_i·mean(K) (dq) and −c·e'_j·mean(Q) (dk) cancel the part of it that a common offset
+// of the keys / queries would otherwise amplify (G K = G (K − 1·k̄ᵀ) + (G1) k̄ᵀ: the rounding
+// error times k̄ is pure error, the rest scales with the spread of K, not its offset). dinv = Σ G∘S/c
+// is a sum of cancelling terms, so bf16 mode takes it from the float32 G and S in the rounding pass
+// (S saved just before the epilogue overwrites it), not from q·(G16 K).
 #include "ibkd_cpu.h"
 #include "simd.h"
 
@@ -35,6 +47,9 @@ struct InfoNCEInputs {
   double c;     // 1/τ
   at::ScalarType dtype;
   int64_t B, N, D;
+  // bf16 tile GEMMs: q16, k16 are the bf16 inputs (contiguous), qbar/kbar their column means (float32)
+  bool bf16 = false;
+  Tensor q16, k16, qbar, kbar;
 };
 
 InfoNCEInputs prepare(const char* fn, const Tensor& q, const Tensor& k, const Tensor& inv_temp,
@@ -62,8 +77,56 @@ InfoNCEInputs prepare(const char* fn, const Tensor& q, const Tensor& k, const Te
   TORCH_CHECK(std::isfinite(c) && c > 0, fn, ": inv_temp (1/temperature) must be positive and finite, got ", c);
   const auto acc = accumulation_dtype(q.scalar_type());
   // The upcast copies are O((B+N)·D); for float32/float64 these are the inputs themselves.
-  return {q.detach().contiguous().to(acc), k.detach().contiguous().to(acc), c, q.scalar_type(),
-          q.size(0), k.size(0), q.size(1)};
+  InfoNCEInputs in{q.detach().contiguous().to(acc), k.detach().contiguous().to(acc), c, q.scalar_type(),
+                   q.size(0), k.size(0), q.size(1)};
+  if (q.scalar_type() == at::kBFloat16 && bf16_gemm_active()) {
+    in.bf16 = true;
+    in.q16 = q.detach().contiguous();
+    in.k16 = k.detach().contiguous();
+    in.qbar = in.q.mean(0);
+    in.kbar = in.k.mean(0);
+  }
+  return in;
+}
+
+// The logits tile t = c·Q_I K_Jᵀ: bf16 mode from the bf16 inputs with alpha = c, else from qc = c·Q_I.
+void logits_tile(const InfoNCEInputs& in, const Tensor& t, const Tensor& qc, int64_t i0, int64_t rows,
+                 int64_t j0, int64_t cols) {
+  if (in.bf16) {
+    gemm_bf16(t, in.q16.narrow(0, i0, rows), in.k16.narrow(0, j0, cols).t(), 0.0, in.c);
+  } else {
+    gemm(t, qc, in.k.narrow(0, j0, cols).t(), 0.0, 1.0);
+  }
+}
+
+// c·Q_I into qc, the float32 path's GEMM operand (bf16 mode has no use for it).
+void scaled_queries(const InfoNCEInputs& in, Tensor& qc, int64_t i0, int64_t rows) {
+  if (!in.bf16) qc.copy_(in.q.narrow(0, i0, rows)).mul_(in.c);
+}
+
+// bf16 mode: rows [r0, r1) of the gradient tile t (float32, stride ld) into g16 (bf16, same shape),
+// their rounding errors' row sums into err_row[r0..r1) and column sums into err_col[0..cols), and
+// Σ G_ij·s_ij over those rows into *gs (`logits` points at the logits of row r0, same stride as t).
+void round_gradient_rows(const Tensor& t, Tensor& g16, int64_t r0, int64_t r1, float* err_row,
+                         float* err_col, const float* logits, double* gs) {
+  const int64_t cols = t.size(1);
+  simd::round_bf16(t.data_ptr<float>() + r0 * cols, cols,
+                   reinterpret_cast<uint16_t*>(g16.data_ptr<at::BFloat16>()) + r0 * cols, cols, r1 - r0,
+                   cols, /*errors=*/true, err_row + r0, err_col, logits, gs);
+}
+
+// gk = gk_beta·gk + G K_J and dk_J += c·Gᵀ Q_I for the gradient tile G = t. bf16 mode: G was rounded
+// into g16 (round_gradient_rows) and the GEMMs take it with the bf16 inputs.
+void gradient_gemms(const InfoNCEInputs& in, const Tensor& t, const Tensor& g16, const Tensor& gk,
+                    double gk_beta, const Tensor& dk_j, const Tensor& qc, int64_t i0, int64_t rows,
+                    int64_t j0, int64_t cols) {
+  if (in.bf16) {
+    gemm_bf16(gk, g16, in.k16.narrow(0, j0, cols), gk_beta, 1.0);
+    gemm_bf16(dk_j, g16.t(), in.q16.narrow(0, i0, rows), 1.0, in.c);
+  } else {
+    gemm(gk, t, in.k.narrow(0, j0, cols), gk_beta, 1.0);
+    gemm(dk_j, t.t(), qc, 1.0, 1.0);
+  }
 }
 
 // Rows per block: at most Tuning::infonce_block_rows, at most as many as keep one rows × cols tile
@@ -105,31 +168,42 @@ void subtract_diagonal(Tensor& tile, int64_t i0, int64_t j0, const scalar_t* w) 
 struct GradSlot {
   Tensor dk;
   double dinv = 0.0;
+  Tensor err_col;  // bf16 mode: Σ_i (G16 − G)_ij of this worker's tiles (N,)
 };
 
 // Finishes row block I after its G tiles were multiplied into gk = Σ_J G_IJ K_J:
-// dq_I = c·gk (input dtype), and Σ_i q_i·gk_i into dinv.
+// dq_I = c·gk (input dtype), and (float32 path) Σ_i q_i·gk_i into dinv.
 void finish_row_block(const InfoNCEInputs& in, Tensor& gk, int64_t i0, int64_t rows, Tensor& dq,
-                      GradSlot& slot) {
-  const Tensor q_i = in.q.narrow(0, i0, rows);
-  slot.dinv += at::dot(q_i.reshape({-1}), gk.reshape({-1})).item<double>();
+                      GradSlot& slot, const Tensor& err_row = Tensor()) {
+  // bf16 mode: gk −= e ⊗ k̄ removes the offset part of G's rounding error, and dinv came from the
+  // rounding pass (see the file comment)
+  if (in.bf16) {
+    gk.sub_(at::outer(err_row.narrow(0, 0, rows), in.kbar));
+  } else {
+    const Tensor q_i = in.q.narrow(0, i0, rows);
+    slot.dinv += at::dot(q_i.reshape({-1}), gk.reshape({-1})).item<double>();
+  }
   gk.mul_(in.c);
   dq.narrow(0, i0, rows).copy_(gk);
 }
 
 std::tuple<Tensor, Tensor> merge_grad_slots(std::vector<GradSlot>& slots, const InfoNCEInputs& in) {
-  Tensor dk;
+  Tensor dk, err_col;
   double dinv = 0.0;
   for (auto& s : slots) {  // in chunk order: deterministic
     if (!s.dk.defined()) continue;
     if (!dk.defined()) {
       dk = s.dk;
+      err_col = s.err_col;
     } else {
       dk.add_(s.dk);
+      if (in.bf16) err_col.add_(s.err_col);
     }
     s.dk = Tensor();
     dinv += s.dinv;
   }
+  // bf16 mode: dk −= c·e' ⊗ q̄ (see the file comment)
+  if (in.bf16) dk.sub_(at::outer(err_col, in.qbar), in.c);
   return {dk.to(in.dtype), at::scalar_tensor(dinv, in.q.options())};
 }
 
@@ -149,20 +223,20 @@ std::tuple<Tensor, Tensor> forward_impl(const InfoNCEInputs& in, bool symmetric)
   parallel_chunks(nblocks, plan, [&](int64_t b0, int64_t b1, int64_t slot) {
     Tensor tile_buf = at::empty({br * bc}, opts);
     Tensor tile2_buf = symmetric ? at::empty({br * bc}, opts) : Tensor();
-    Tensor qc_buf = at::empty({br * D}, opts);
+    Tensor qc_buf = at::empty({in.bf16 ? 0 : br * D}, opts);
     if (symmetric) {
       col_max[slot] = at::full({N}, -inf, opts);
       col_sum[slot] = at::zeros({N}, opts);
     }
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * br, rows = std::min(br, B - i0);
-      Tensor qc = tile_view(qc_buf, rows, D);
-      qc.copy_(in.q.narrow(0, i0, rows)).mul_(in.c);
+      Tensor qc = tile_view(qc_buf, in.bf16 ? 0 : rows, D);
+      scaled_queries(in, qc, i0, rows);
       Tensor m_run = at::full({rows}, -inf, opts), s_run = at::zeros({rows}, opts);
       for (int64_t j0 = 0; j0 < N; j0 += bc) {
         const int64_t cols = std::min(bc, N - j0);
         Tensor t = tile_view(tile_buf, rows, cols);
-        gemm(t, qc, in.k.narrow(0, j0, cols).t(), 0.0, 1.0);
+        logits_tile(in, t, qc, i0, rows, j0, cols);
         if constexpr (std::is_same_v<scalar_t, float>) {
           if (!symmetric && cols == N) {  // whole rows: the exact log-sum-exp in one vectorised sweep
             simd::infonce_rows_lse(t.data_ptr<float>(), rows, N, N, i0, lse_row.data_ptr<float>() + i0,
@@ -225,19 +299,29 @@ void backward_impl(const InfoNCEInputs& in, const Tensor& w, const Tensor& lse, 
     slot.dk = at::zeros({N, D}, opts);
     Tensor tile_buf = at::empty({br * bc}, opts);
     Tensor tile2_buf = symmetric ? at::empty({br * bc}, opts) : Tensor();
-    Tensor qc_buf = at::empty({br * D}, opts), gk_buf = at::empty({br * D}, opts);
+    Tensor qc_buf = at::empty({in.bf16 ? 0 : br * D}, opts), gk_buf = at::empty({br * D}, opts);
+    Tensor g16_buf, err_row, s_buf;
+    if (in.bf16) {
+      g16_buf = at::empty({br * bc}, opts.dtype(at::kBFloat16));
+      s_buf = at::empty({br * bc}, opts);  // the logits, kept for Σ G∘S
+      slot.err_col = at::zeros({N}, opts);
+      err_row = at::empty({br}, opts);
+    }
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * br, rows = std::min(br, B - i0);
-      Tensor qc = tile_view(qc_buf, rows, D), gk = tile_view(gk_buf, rows, D);
-      qc.copy_(in.q.narrow(0, i0, rows)).mul_(in.c);
+      Tensor qc = tile_view(qc_buf, in.bf16 ? 0 : rows, D), gk = tile_view(gk_buf, rows, D);
+      scaled_queries(in, qc, i0, rows);
       gk.zero_();
+      if (in.bf16) err_row.zero_();
+      double gs = 0.0;
       const Tensor lse_i = lse_row.narrow(0, i0, rows).unsqueeze(1);
       const Tensor a_i = row_weight.narrow(0, i0, rows).unsqueeze(1);
       for (int64_t j0 = 0; j0 < N; j0 += bc) {
         const int64_t cols = std::min(bc, N - j0);
-        const Tensor k_j = in.k.narrow(0, j0, cols);
         Tensor t = tile_view(tile_buf, rows, cols);
-        gemm(t, qc, k_j.t(), 0.0, 1.0);
+        logits_tile(in, t, qc, i0, rows, j0, cols);
+        Tensor s_saved;
+        if (in.bf16) s_saved = tile_view(s_buf, rows, cols).copy_(t);
         if (symmetric) {
           Tensor t2 = tile_view(tile2_buf, rows, cols);
           at::sub_out(t2, t, lse_col.narrow(0, j0, cols).unsqueeze(0));
@@ -247,10 +331,16 @@ void backward_impl(const InfoNCEInputs& in, const Tensor& w, const Tensor& lse, 
           t.sub_(lse_i).exp_().mul_(a_i);
         }
         subtract_diagonal<scalar_t>(t, i0, j0, w_ptr);
-        gemm(gk, t, k_j, 1.0, 1.0);
-        gemm(slot.dk.narrow(0, j0, cols), t.t(), qc, 1.0, 1.0);
+        Tensor g16;
+        if (in.bf16) {
+          g16 = tile_view(g16_buf, rows, cols);
+          round_gradient_rows(t, g16, 0, rows, err_row.data_ptr<float>(), slot.err_col.data_ptr<float>() + j0,
+                              s_saved.data_ptr<float>(), &gs);
+        }
+        gradient_gemms(in, t, g16, gk, 1.0, slot.dk.narrow(0, j0, cols), qc, i0, rows, j0, cols);
       }
-      finish_row_block(in, gk, i0, rows, dq, slot);
+      slot.dinv += gs / in.c;
+      finish_row_block(in, gk, i0, rows, dq, slot, err_row);
     }
   });
   std::tie(dk, dinv) = merge_grad_slots(slots, in);
@@ -277,17 +367,42 @@ void fused_impl(const InfoNCEInputs& in, double grad_weight, Tensor& row_loss, T
     GradSlot& slot = slots[slot_index];
     slot.dk = at::zeros({N, D}, opts);
     Tensor tile_buf = at::empty({br * N}, opts);
-    Tensor qc_buf = at::empty({br * D}, opts), gk_buf = at::empty({br * D}, opts);
+    Tensor qc_buf = at::empty({in.bf16 ? 0 : br * D}, opts), gk_buf = at::empty({br * D}, opts);
+    Tensor g16_buf, err_row;
+    std::vector<float> s_row;  // bf16 mode: one row of logits, kept for Σ G∘S
+    if (in.bf16) {
+      g16_buf = at::empty({br * N}, opts.dtype(at::kBFloat16));
+      slot.err_col = at::zeros({N}, opts);
+      err_row = at::empty({br}, opts);
+      s_row.resize(N);
+    }
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t i0 = blk * br, rows = std::min(br, B - i0);
-      Tensor qc = tile_view(qc_buf, rows, D), gk = tile_view(gk_buf, rows, D);
-      qc.copy_(in.q.narrow(0, i0, rows)).mul_(in.c);
+      Tensor qc = tile_view(qc_buf, in.bf16 ? 0 : rows, D), gk = tile_view(gk_buf, rows, D);
+      scaled_queries(in, qc, i0, rows);
       Tensor t = tile_view(tile_buf, rows, N);
-      gemm(t, qc, in.k.t(), 0.0, 1.0);
+      logits_tile(in, t, qc, i0, rows, 0, N);
+      Tensor g16;
       if constexpr (std::is_same_v<scalar_t, float>) {
-        // one vectorised epilogue, row by row while the row is in L2: max, exp and Σ, G = w·P − w·δ
-        simd::infonce_rows_grad(t.data_ptr<float>(), rows, N, N, i0, static_cast<float>(grad_weight),
-                                lse.data_ptr<float>() + i0, pos_ptr + i0);
+        if (in.bf16) {
+          // the epilogue and the rounding to bf16 row by row, while the row is in L2
+          g16 = tile_view(g16_buf, rows, N);
+          err_row.zero_();
+          double gs = 0.0;
+          for (int64_t r = 0; r < rows; ++r) {
+            float* row = t.data_ptr<float>() + r * N;
+            std::copy(row, row + N, s_row.data());
+            simd::infonce_rows_grad(row, 1, N, N, i0 + r, static_cast<float>(grad_weight),
+                                    lse.data_ptr<float>() + i0 + r, pos_ptr + i0 + r);
+            round_gradient_rows(t, g16, r, r + 1, err_row.data_ptr<float>(), slot.err_col.data_ptr<float>(),
+                                s_row.data(), &gs);
+          }
+          slot.dinv += gs / in.c;
+        } else {
+          // one vectorised epilogue, row by row while the row is in L2: max, exp and Σ, G = w·P − w·δ
+          simd::infonce_rows_grad(t.data_ptr<float>(), rows, N, N, i0, static_cast<float>(grad_weight),
+                                  lse.data_ptr<float>() + i0, pos_ptr + i0);
+        }
       } else {
         read_diagonal<scalar_t>(t, i0, 0, pos_ptr);
         Tensor m = at::amax(t, {1});
@@ -297,9 +412,8 @@ void fused_impl(const InfoNCEInputs& in, double grad_weight, Tensor& row_loss, T
         t.mul_(s.reciprocal().mul_(grad_weight).unsqueeze(1));  // G = w·P
         subtract_diagonal<scalar_t>(t, i0, 0, w_ptr);              // − w·δ_ij
       }
-      gemm(gk, t, in.k, 0.0, 1.0);
-      gemm(slot.dk, t.t(), qc, 1.0, 1.0);
-      finish_row_block(in, gk, i0, rows, dq, slot);
+      gradient_gemms(in, t, g16, gk, 0.0, slot.dk, qc, i0, rows, 0, N);
+      finish_row_block(in, gk, i0, rows, dq, slot, err_row);
     }
   });
   row_loss = lse - pos;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 namespace ibkd {
@@ -111,6 +112,37 @@ void weights_scalar(const HsicTile& t, float* gx, float* gz, float g0, float g1,
       roww[i] += rw;
       rowv[i] += rv;
     }
+  }
+}
+
+inline uint16_t bf16_round(float x, float& rounded) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {
+    u = 0x7FC00000u;  // NaN
+  } else {
+    u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  }
+  std::memcpy(&rounded, &u, 4);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+void round_bf16_scalar(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows,
+                       int64_t cols, bool errors, float* row_acc, float* col_acc, const float* dot_with,
+                       double* dot) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float r_sum = 0.0f, d_sum = 0.0f;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float x = src[i * lds + j];
+      if (dot) d_sum += x * dot_with[i * lds + j];
+      float r;
+      dst[i * ldd + j] = bf16_round(x, r);
+      const float v = errors ? r - x : r;
+      r_sum += v;
+      if (col_acc) col_acc[j] += v;
+    }
+    if (row_acc) row_acc[i] += r_sum;
+    if (dot) *dot += d_sum;
   }
 }
 
@@ -291,6 +323,36 @@ IBKD_AVX512 void weights_avx512(const HsicTile& t, float* gx, float* gz, float g
   }
 }
 
+IBKD_AVX512 void round_bf16_avx512(const float* src, int64_t lds, uint16_t* dst, int64_t ldd,
+                                   int64_t rows, int64_t cols, bool errors, float* row_acc,
+                                   float* col_acc, const float* dot_with, double* dot) {
+  const __m512i bias = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
+  const __m512i high = _mm512_set1_epi32((int)0xFFFF0000u), qnan = _mm512_set1_epi32(0x7FC00000);
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* s = src + i * lds;
+    uint16_t* d = dst + i * ldd;
+    __m512 r_sum = _mm512_setzero_ps(), d_sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = cols - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (cols - j)) - 1u);
+      const __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+      if (dot) d_sum = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(m, dot_with + i * lds + j), d_sum);
+      const __m512i u = _mm512_castps_si512(x);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+      __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), high);
+      r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), qnan);
+      _mm512_mask_cvtepi32_storeu_epi16(d + j, m, _mm512_srli_epi32(r, 16));
+      __m512 v = _mm512_castsi512_ps(r);
+      if (errors) v = _mm512_sub_ps(v, x);  // masked-off lanes: x = 0, rounded 0
+      r_sum = _mm512_add_ps(r_sum, v);
+      if (col_acc) {
+        _mm512_mask_storeu_ps(col_acc + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, col_acc + j), v));
+      }
+    }
+    if (row_acc) row_acc[i] += _mm512_reduce_add_ps(r_sum);
+    if (dot) *dot += _mm512_reduce_add_ps(d_sum);
+  }
+}
+
 #undef IBKD_AVX512
 
 }  // namespace
@@ -337,6 +399,15 @@ void hsic_tile_weights(const HsicTile& t, float* gx, float* gz, float g0, float 
     weights_avx512(t, gx, gz, g0, g1, g2, grk_i, grk_j, grl_i, grl_j, roww, rowv, colw, colv);
   } else {
     weights_scalar(t, gx, gz, g0, g1, g2, grk_i, grk_j, grl_i, grl_j, roww, rowv, colw, colv);
+  }
+}
+
+void round_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows, int64_t cols,
+                bool errors, float* row_acc, float* col_acc, const float* dot_with, double* dot) {
+  if (avx512_enabled()) {
+    round_bf16_avx512(src, lds, dst, ldd, rows, cols, errors, row_acc, col_acc, dot_with, dot);
+  } else {
+    round_bf16_scalar(src, lds, dst, ldd, rows, cols, errors, row_acc, col_acc, dot_with, dot);
   }
 }
 

@@ -55,6 +55,17 @@ void hsic_tile_weights(const HsicTile& t, float* gx, float* gz, float g0, float 
                        const float* grk_i, const float* grk_j, const float* grl_i,
                        const float* grl_j, float* roww, float* rowv, float* colw, float* colv);
 
+// Rounds a float32 tile (rows × cols, row stride lds) to bfloat16 bits in dst (row stride ldd): round
+// to nearest even, as torch rounds; NaN stays NaN. The bf16 kernels' product GEMMs take their
+// float32 weight tiles (InfoNCE's G, HSIC's W and V) this way. With errors = false the row sums of
+// the rounded values are added to row_acc[0..rows) and the column sums to col_acc[0..cols); with
+// errors = true the sums of (rounded − original) instead. Null accumulators are skipped. If dot is
+// not null, Σ_ij src_ij·dot_with_ij (the unrounded values; dot_with has src's row stride) is added to
+// *dot in float64.
+void round_bf16(const float* src, int64_t lds, uint16_t* dst, int64_t ldd, int64_t rows, int64_t cols,
+                bool errors, float* row_acc, float* col_acc, const float* dot_with = nullptr,
+                double* dot = nullptr);
+
 }  // namespace simd
 }  // namespace cpu
 }  // namespace ibkd
