@@ -508,3 +508,195 @@ def test_kernel_errors_name_the_argument():
         _C.hsic_stats(q, k, torch.ones(2), "rbf")
     with pytest.raises(RuntimeError, match="unknown setting"):
         _C.set_cpu_tuning("tile", 4)
+
+
+# ------------------------------------------------------- bf16 inputs: bf16 tile GEMMs (gemm.cpp)
+#
+# bf16 inputs run their tile GEMMs as bf16 × bf16 → float32 (oneDNN) when _C.cpu_gemm_info() reports
+# bf16_gemm_active; set_cpu_tuning("bf16_gemm", 0) upcasts them to the float32 path instead. Here the
+# kernels on bf16 inputs are compared with the float64 dense kernels on the same (bf16) values, with
+# bounds derived from where bf16 enters: products of bf16 values are exact in float32, so the logits,
+# Gram tiles, losses, log-sum-exps and HSIC statistics carry float32 accumulation error only
+# (≤ 1e-5 of the size of the summed terms); the gradient GEMMs take the float32 weight tiles (G, W,
+# V) rounded to bf16 (≤ 2⁻⁸ relative per entry), and the gradients are returned in bf16 (≤ 2⁻⁸
+# relative rounding, one ulp 2⁻⁷ where two values straddle a boundary).
+
+BF16_INFO = _C.cpu_gemm_info()
+
+
+def test_bf16_gemm_status_is_reported():
+    assert isinstance(BF16_INFO["bf16_gemm"], str) and BF16_INFO["bf16_gemm"]
+    if BF16_INFO["bf16_gemm_available"]:
+        assert "oneDNN" in BF16_INFO["bf16_gemm"]
+    assert _C.cpu_tuning()["bf16_gemm"] == 1
+    with cpu_tuning(bf16_gemm=0):
+        assert not _C.cpu_gemm_info()["bf16_gemm_active"]
+    with pytest.raises(RuntimeError, match="0 or 1"):
+        _C.set_cpu_tuning("bf16_gemm", 2)
+
+
+def test_bf16_gemm_is_active_on_avx512_bf16_machines():
+    # where the CPU has AVX512-BF16 and torch ships oneDNN with its symbol table, the bf16 kernels
+    # must take the bf16 tile GEMMs (else bf16 runs at float32 speed without anyone noticing)
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    if " avx512_bf16" not in flags or not torch.backends.mkldnn.is_available():
+        pytest.skip("no AVX512-BF16 / oneDNN here")
+    assert BF16_INFO["bf16_gemm_active"], BF16_INFO["bf16_gemm"]
+
+
+def test_bf16_tile_gemm_matches_float64():
+    # fuzzed shapes (1 … 300, ones), both transpositions of each operand, alpha/beta, NaN in a beta = 0 output
+    g = torch.Generator().manual_seed(12)
+
+    def size():
+        return int(torch.randint(1, 300, (1,), generator=g)) if torch.rand(1, generator=g) > 0.2 else 1
+
+    for trial in range(40):
+        m, n, k = size(), size(), size()
+        ta, tb = bool(trial & 1), bool(trial & 2)
+        a = torch.randn(k, m, generator=g).bfloat16().t() if ta else torch.randn(m, k, generator=g).bfloat16()
+        b = torch.randn(n, k, generator=g).bfloat16().t() if tb else torch.randn(k, n, generator=g).bfloat16()
+        beta, alpha = [(0.0, 1.0), (1.0, 1.0), (0.5, 20.0), (0.0, -0.3)][trial % 4]
+        out = torch.full((m, n), float("nan")) if beta == 0 else torch.randn(m, n, generator=g)
+        c0 = out.double() if beta else torch.zeros(m, n, dtype=torch.float64)
+        expected = beta * c0 + alpha * (a.double() @ b.double())
+        terms = abs(beta) * c0.abs() + abs(alpha) * (a.double().abs() @ b.double().abs())
+        _C.tile_gemm(out, a, b, beta, alpha)
+        err = (out.double() - expected).abs()
+        assert (err <= 1e-5 * terms + 1e-30).all(), f"trial {trial}: {m}x{k}x{n} ta={ta} tb={tb}: {err.max()}"
+
+
+def _bf16_infonce_case(b, n, d, case, seed):
+    """q, k (bf16) and 1/τ for the hostile cases."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(b, d, generator=g, dtype=torch.float64), dim=1)
+    k = torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+    k[:b] = 0.6 * q + 0.8 * k[:b]
+    c = 20.0
+    if case == "huge_norms":  # |q|, |k| ~ 1e3: logits ~ 1e4, one-hot softmax rows
+        q, k, c = 1e3 * q, 3e2 * k, 0.05
+    elif case == "tiny_tau":  # unit rows, τ = 1e-4
+        c = 1e4
+    elif case == "shared_offset":  # keys around a common offset 50× their spread (unnormalised embeddings)
+        u = torch.nn.functional.normalize(torch.randn(1, d, generator=g, dtype=torch.float64), dim=1)
+        k = k + 50.0 * u
+        q = q + 50.0 * u
+        c = 0.02
+    return q.bfloat16(), k.bfloat16(), torch.tensor(c)
+
+
+def _bf16_grad_bound(expected, terms):
+    # returned in bf16: one ulp (2⁻⁷, 7 stored significand bits) of the largest entry where the kernel's
+    # and float64's values straddle a rounding boundary; G/W rounded to bf16: 2⁻⁸ of the summed terms
+    return 2.0**-7 * expected.abs().max().item() + 2.0**-8 * terms + 1e-30
+
+
+@pytest.mark.parametrize("b,n,d", [(1, 1, 1), (1, 9, 5), (2, 3, 1000), (7, 19, 1), (33, 100, 77), (129, 129, 384), (300, 301, 17)])
+@pytest.mark.parametrize("case", ["plain", "huge_norms", "tiny_tau", "shared_offset"])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("tiling", ["default", "small", "bf16_upcast"])
+def test_infonce_bf16_kernels_against_float64(b, n, d, case, symmetric, tiling):
+    if symmetric:
+        n = b
+    q, k, c = _bf16_infonce_case(b, n, d, case, seed=b * 1000 + n + d)
+    q64, k64, c64 = _as64(q, k, c)
+    tilings = {"default": {}, "small": TILINGS["small"], "bf16_upcast": dict(bf16_gemm=0)}
+    w = 0.37
+    with cpu_tuning(**tilings[tiling]):
+        out = CPU.infonce_forward_backward(q, k, c, symmetric, w)
+        fwd = CPU.infonce_forward(q, k, c, symmetric)
+        rows_w = torch.full((b,), w)
+        bwd = CPU.infonce_backward(rows_w, q, k, c, fwd[1], symmetric)
+    exp = DENSE.infonce_forward_backward(q64, k64, c64, symmetric, w)
+    assert out[0].dtype == out[1].dtype == torch.float32 and out[2].dtype == out[3].dtype == torch.bfloat16
+    # logits: exact bf16 products, float32 sums; the row loss and lse are differences/sums of terms of
+    # size c·|q||k| + log N
+    s = c64 * (q64 @ k64.T)
+    logit_scale = s.abs().max().item() + torch.log(torch.tensor(float(n))).item()
+    for name, a, e in (("row_loss", out[0], exp[0]), ("lse", out[1], exp[1]), ("fwd row_loss", fwd[0], exp[0]), ("fwd lse", fwd[1], exp[1])):
+        err = (a.double() - e).abs().max().item()
+        assert err <= 1e-5 * logit_scale + 1e-6, f"{name}: {err} (scale {logit_scale})"
+    # gradients: dq_i = c Σ_j G_ij k_j, dk_j = c Σ_i G_ij q_i with |G| summed as the terms' size,
+    # k and q taken about their mean (the kernels cancel the offset part of G's rounding)
+    p = torch.softmax(s, dim=1)
+    G = w * p - w * torch.eye(b, n, dtype=torch.float64)
+    if symmetric:
+        G = 0.5 * w * p + 0.5 * w * torch.softmax(s, dim=0) - w * torch.eye(b, n, dtype=torch.float64)
+    k_spread = (k64 - k64.mean(0)).abs().max().item()
+    q_spread = (q64 - q64.mean(0)).abs().max().item()
+    dq_terms = c64.item() * G.abs().sum(1).max().item() * max(k_spread, 1e-30)
+    dk_terms = c64.item() * G.abs().sum(0).max().item() * max(q_spread, 1e-30)
+    # plus float32 rounding of the logits and log-sum-exps (≤ 1e-5·logit_scale absolute), which moves
+    # each w·P_ij by that much relative, before it cancels against w·δ_ij (P_ii ≈ 1 leaves G_ii ≪ w):
+    # c·Σ(w·P + w·δ)·max|k| (or |q|) times it; the float32 path has that error too
+    P_terms = G.abs() + 2 * w * torch.eye(b, n, dtype=torch.float64)
+    fp32_dq = 1e-5 * logit_scale * c64.item() * P_terms.sum(1).max().item() * k64.abs().max().item()
+    fp32_dk = 1e-5 * logit_scale * c64.item() * P_terms.sum(0).max().item() * q64.abs().max().item()
+    for name, a, e, terms, fp32 in (("dq", out[2], exp[2], dq_terms, fp32_dq), ("dk", out[3], exp[3], dk_terms, fp32_dk),
+                                    ("bwd dq", bwd[0], exp[2], dq_terms, fp32_dq), ("bwd dk", bwd[1], exp[3], dk_terms, fp32_dk)):
+        err = (a.double() - e).abs().max().item()
+        bound = _bf16_grad_bound(e, terms) + fp32
+        assert err <= bound, f"{name}: {err} > {bound}"
+
+
+def _bf16_hsic_case(n, dx, dz, case, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dx, generator=g, dtype=torch.float64)
+    z = torch.randn(n, dz, generator=g, dtype=torch.float64)
+    z[:, : min(dx, dz)] += x[:, : min(dx, dz)]
+    if case == "huge_norms":  # centred rows of norm ~ 300 (what the functional hands the kernels)
+        x, z = 300 * x / x.norm(dim=1, keepdim=True).mean(), 300 * z / z.norm(dim=1, keepdim=True).mean()
+    x, z = x - x.mean(0), z - z.mean(0)
+    x16, z16 = x.bfloat16(), z.bfloat16()
+    # median-heuristic-like γ: K entries spread over (0, 1), not all ~0 or ~1
+    gx = 1.0 / max(1e-30, torch.cdist(x16.double(), x16.double()).pow(2).median().item())
+    gz = 1.0 / max(1e-30, torch.cdist(z16.double(), z16.double()).pow(2).median().item())
+    return x16, z16, torch.tensor([gx, gz], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("n,dx,dz", [(1, 3, 2), (2, 1, 1), (3, 1000, 2), (65, 77, 5), (513, 384, 16), (700, 17, 384)])
+@pytest.mark.parametrize("case", ["plain", "huge_norms"])
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+@pytest.mark.parametrize("tiling", ["default", "small", "bf16_upcast"])
+def test_hsic_bf16_kernels_against_float64(n, dx, dz, case, kernel, tiling):
+    x, z, gammas = _bf16_hsic_case(n, dx, dz, case, seed=n + dx + dz)
+    x64, z64, g64 = _as64(x, z, gammas)
+    tilings = {"default": {}, "small": TILINGS["small"], "bf16_upcast": dict(bf16_gemm=0)}
+    gen = torch.Generator().manual_seed(13)
+    g_sums = torch.randn(3, generator=gen, dtype=torch.float64)
+    g_rk = torch.randn(n, generator=gen, dtype=torch.float64)
+    g_rl = torch.randn(n, generator=gen, dtype=torch.float64)
+    with cpu_tuning(**tilings[tiling]):
+        sums, rk, rl = CPU.hsic_stats(x, z, gammas, kernel)
+        dx_, dz_ = CPU.hsic_stats_backward(g_sums.float(), g_rk.float(), g_rl.float(), x, z, gammas, kernel)
+    e_sums, e_rk, e_rl = DENSE.hsic_stats(x64, z64, g64, kernel)
+    e_dx, e_dz = DENSE.hsic_stats_backward(g_sums, g_rk, g_rl, x64, z64, g64, kernel)
+    assert sums.dtype == torch.float32 and dx_.dtype == dz_.dtype == torch.bfloat16
+    from ibkd.backend.reference import kernel_matrix
+
+    K = kernel_matrix(x64, g64[0].item(), kernel)
+    L = kernel_matrix(z64, g64[1].item(), kernel)
+    # statistics: float32 sums of n² products of float32 kernel entries; RBF entries come from the
+    # expansion 2γ·a_i·a_j − γ(‖a_i‖² + ‖a_j‖²), whose float32 error is ~1e-6·γ·(‖a_i‖² + ‖a_j‖²)
+    sq = max(x64.pow(2).sum(1).max().item() * g64[0].item(), z64.pow(2).sum(1).max().item() * g64[1].item())
+    entry_rel = 1e-5 * (1 + (sq if kernel == "rbf" else 0))
+    stat_terms = torch.stack([(K * L).abs().sum(), (K * K).sum(), (L * L).sum()])
+    assert ((sums.double() - e_sums).abs() <= 4 * entry_rel * stat_terms + 1e-6).all(), (sums, e_sums)
+    assert ((rk.double() - e_rk).abs() <= 2 * entry_rel * K.abs().sum(1) + 1e-6).all()
+    assert ((rl.double() - e_rl).abs() <= 2 * entry_rel * L.abs().sum(1) + 1e-6).all()
+    # gradients: W X (linear) or 2γ Σ_j W_ij (x_j − x_i) (RBF) with W's entries rounded to bf16
+    gk = g_rk.abs().max().item()
+    gl = g_rl.abs().max().item()
+    W = (2 * gk + 2 * abs(g_sums[0]) * L.abs() + 4 * abs(g_sums[1]) * K.abs()) * (K.abs() if kernel == "rbf" else 1)
+    V = (2 * gl + 2 * abs(g_sums[0]) * K.abs() + 4 * abs(g_sums[2]) * L.abs()) * (L.abs() if kernel == "rbf" else 1)
+    for name, a, e, Wm, inp, gam in (("dx", dx_, e_dx, W, x64, g64[0].item()), ("dz", dz_, e_dz, V, z64, g64[1].item())):
+        if kernel == "rbf":
+            spread = (inp.unsqueeze(0) - inp.unsqueeze(1)).abs().amax(dim=(0, 2))  # max_j |x_j − x_i| per i
+            terms = (2 * gam * Wm.sum(1) * spread).max().item()
+            fwd_err = 2 * gam * (Wm.sum(1) * spread).max().item() * entry_rel * 4
+        else:
+            terms = (Wm.sum(1) * inp.abs().max()).max().item()
+            fwd_err = 0.0
+        err = (a.double() - e).abs().max().item()
+        bound = _bf16_grad_bound(e, terms) + fwd_err + 1e-5 * terms
+        assert err <= bound, f"{name}: {err} > {bound}"
