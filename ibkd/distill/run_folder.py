@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import socket
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -76,13 +77,19 @@ class RunLock:
         return f"RunLock({str(self.path)!r}, held={self.held}, resume_from={self.resume_from})"
 
 
-def _holder(lock_path: Path) -> str:
-    """``" (pid N, started T)"`` from the holder's lock file, or "" when it has not written it yet."""
-    try:
-        info = json.loads(lock_path.read_text(encoding="utf-8"))
-        pid, host, started = info["pid"], info.get("host"), info.get("started", "?")
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
+def _holder(lock_path: Path, wait_s: float = 1.0) -> str:
+    """``" (pid N, started T)"`` from the holder's lock file, or "" when it is not written within ``wait_s``
+    (the holder writes it right after taking the lock, so a run refused in between waits that long)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            info = json.loads(lock_path.read_text(encoding="utf-8"))
+            pid, host, started = info["pid"], info.get("host"), info.get("started", "?")
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return ""
+            time.sleep(0.02)
     where = f" on {host}" if host and host != socket.gethostname() else ""
     return f" (pid {pid}{where}, started {started})"
 
