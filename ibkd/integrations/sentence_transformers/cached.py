@@ -75,7 +75,10 @@ class _GradCacheMixin:
                 for start in range(0, rows, self.mini_batch_size):
                     chunk = _slice_features(column, start, start + self.mini_batch_size)
                     col_snaps.append(_RngSnapshot(_unwrap_device(self.model)))
-                    parts.append(self._embed_column(chunk, i))
+                    # a copy goes to the model: a SentenceTransformer writes its outputs (token embeddings,
+                    # every hidden layer) into the dict it is given, and the kept inputs would hold them
+                    # for the whole step (~0.4 MB per row at 384-d, max_length 64)
+                    parts.append(self._embed_column(dict(chunk), i))
                     col_chunks.append(chunk)
                 s = torch.cat([p[0] for p in parts])
                 x = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
@@ -104,7 +107,7 @@ class _GradCacheMixin:
             start = 0
             for chunk, snapshot in zip(col_chunks, col_snaps):
                 with snapshot.replay():
-                    s_c, x_c = self._embed_column(chunk, i)
+                    s_c, x_c = self._embed_column(dict(chunk), i)
                 stop = start + s_c.shape[0]
                 outputs, cotangents = [], []
                 if g_s is not None:
