@@ -61,6 +61,36 @@ def _current_rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_call_peak(call) -> dict:
+    """Peak RSS of one ``call()`` above the RSS just before it, in this process (call it after a
+    full-size warm-up): freed heap pages are returned first (malloc_trim) so the call re-faults them, and
+    ``VmHWM`` is reset to the current RSS (clear_refs=5). The call's result is dropped only after the
+    peak is read. Bytes: ``rss_before_bytes``, ``peak_bytes``, ``extra_bytes``."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
+    result = call()
+    peak = _status_kib("VmHWM")
+    del result
+    return {"extra_bytes": max(0, peak - before) * 1024, "rss_before_bytes": before * 1024, "peak_bytes": peak * 1024}
+
+
 def _child(case_json: str, phase: str) -> dict:
     sys.path.insert(0, HERE)
     import torch  # noqa: F401

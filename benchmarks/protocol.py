@@ -36,7 +36,6 @@ bf16 cases: inputs in bfloat16 and every peer called under ``torch.autocast("cpu
 from __future__ import annotations
 
 import argparse
-import ctypes
 import datetime
 import gc
 import json
@@ -250,32 +249,14 @@ def worker_time(spec: dict) -> dict:
     return out
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def worker_memory(spec: dict) -> dict:
     """Runs in a fresh process: peak RSS of one call above the RSS just before it (after a warm-up)."""
     _set_threads(spec["threads"])
     step, _ = make_step(spec["op"], spec["peer"], spec["size"], spec["dim"], spec["dtype"])
     step()  # warm-up at full size: compilation, thread pools, one-time allocations
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap pages back, so the call re-faults them
-    except OSError:
-        pass
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    grads = step()
-    peak = _status_kib("VmHWM")
-    del grads
-    return {"extra_bytes": max(0, peak - before) * 1024, "rss_before_bytes": before * 1024,
-            "peak_bytes": peak * 1024,
+    from memory import measure_call_peak
+
+    return {**measure_call_peak(step),
             "method": "VmHWM - VmRSS before the call; warm-up call, malloc_trim, clear_refs=5 first"}
 
 

@@ -53,7 +53,6 @@ Environment switches:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import gc
 import json
@@ -75,6 +74,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+from memory import measure_call_peak  # noqa: E402
 
 
 def _env_list(name: str, default: list) -> list:
@@ -190,14 +190,6 @@ def make_loss_step(teacher: torch.Tensor, backend: str, dtype: str):
 # --------------------------------------------------------------------------------- memory child
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def memory_child(spec: dict) -> dict:
     """In a fresh process: peak RSS of one training step after a full-size warm-up step."""
     torch.set_num_threads(spec["threads"])
@@ -205,15 +197,7 @@ def memory_child(spec: dict) -> dict:
     sentences = wiki_sentences(teacher.shape[0])
     step, _ = make_train_step(spec["student_dir"], sentences, teacher, spec["backend"], spec["dtype"])
     step()  # AdamW's state, thread pools, one-time allocations
-    gc.collect()
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages go back, so the step re-faults them
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := current RSS
-    before = _status_kib("VmRSS")
-    step()
-    peak = _status_kib("VmHWM")
-    return {"peak_bytes": peak * 1024, "rss_before_bytes": before * 1024, "extra_bytes": max(0, peak - before) * 1024,
+    return {**measure_call_peak(step),
             "method": "fresh process; warm-up step, malloc_trim, clear_refs=5; VmHWM of one step (extra: - VmRSS before)"}
 
 
