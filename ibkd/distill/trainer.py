@@ -251,7 +251,8 @@ def run(cfg: TrainConfig) -> dict:
         checkpoint = None
         if cfg.resume:
             check_resumable(cfg, out)
-            checkpoint = last_checkpoint(out)
+            # the claim already found and verified it (hashing every file); other ranks look for themselves
+            checkpoint = lock.resume_from if lock is not None else last_checkpoint(out)
             if checkpoint is None:
                 log.warning("--resume: no complete checkpoint in %s: starting from step 0", out)
         if main:
