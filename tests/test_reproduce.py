@@ -78,6 +78,11 @@ def workspace(tmp_path_factory):
         # the old names of TrainConfig fields (batch_size, lr) are accepted, as in `ibkd distill`
         "finetune": {"min_score": 2.0, "batch_size": 4, "max_steps": 2, "lr": 1e-4, "device": "cpu",
                      "progress": False, "plot": False},
+        "stage2_sweep": {"settings": [{"name": "lr1e-4"}, {"name": "lr3e-4-b0", "learning_rate": 3e-4,
+                                                                  "method": "contrastive"}]},
+        "layers": {"candidates": ["1,2"]},
+        "st_mse": {"enabled": True},
+        "model2vec": {"enabled": False},  # tests/test_model2vec_peer.py
         "compact": {"enabled": True, "table": {"d_small": 8, "epochs": 1}},
         "embedding_comparison": {"enabled": True, "sizes": [8], "seeds": [0, 1], "overrides": {"epochs": 1, "lr_grid": [0.01], "reference": False}},
         "gpu_timing": {"enabled": True, "batches": [4]},
@@ -122,30 +127,35 @@ def test_results_schema(reproduced):
     assert doc["environment"]["command"].startswith("ibkd reproduce --config")
     names = {r["name"] for r in doc["rows"]}
     chosen = doc["sweep"]["chosen"]
-    expected = ({"teacher", "none", "ibkd-finetune", "compact-table", "compact-ibkd",
+    expected = ({"teacher", "none", "ft-lr1e-4", "ft-lr3e-4-b0", "compact-table", "compact-ibkd", "layers-1-2",
                  "embedding-comparison", "sweep-unit-g1-b0.2", "sweep-raw-gmed-b100"}
                 | {f"mse-s{s}" for s in SEEDS} | {f"contrastive-s{s}" for s in SEEDS} | {f"auto-s{s}" for s in SEEDS}
-                | {f"ibkd-s{s}" for s in SEEDS[1:]})
+                | {f"st-mse-s{s}" for s in SEEDS} | {f"ibkd-s{s}" for s in SEEDS[1:]}
+                | {f"finetune-s{s}" for s in SEEDS[1:]})
     assert names == expected
     # the beta=auto rows calibrated a beta, and the targets compare them with the best fixed beta and beta=0
     auto_line = next(line for line in doc["summary"] if line["row"] == "auto")
     assert len(auto_line["runs"]) == len(SEEDS) and all(b > 0 for b in auto_line["chosen_beta"]["values"])
     assert {"auto_minus_best_fixed_dev", "auto_minus_contrastive_dev"} <= set(doc["targets"])
-    assert "IBKD β=auto vs the best swept fixed β" in Path(spec["readme"]).read_text()
+    assert "IBKD β=auto vs the chosen setting on dev" in Path(spec["readme"]).read_text()
     assert chosen in {"sweep-unit-g1-b0.2", "sweep-raw-gmed-b100"}
     sweep_devs = {r["name"]: r["dev_spearman"] for r in doc["rows"] if r["group"] == "sweep"}
     assert sweep_devs[chosen] == max(sweep_devs.values())  # chosen by dev
     for r in doc["rows"]:
         assert r["status"] == "done", (r["name"], r.get("reason"))
-        if r["kind"] in ("teacher", "train"):
+        if r["kind"] in ("teacher", "train", "st_mse"):
             for key in ("dev_spearman", "test_spearman", "sentences_per_second"):
                 assert isinstance(r[key], float) and np.isfinite(r[key]), (r["name"], key)
             assert r["parameters"] > 0 and r["embedding_dim"] == 32
-        if r["kind"] == "train" and r["group"] != "none":
+        if r["kind"] in ("train", "st_mse") and r["group"] != "none":
             assert r["steps"] == 2 and r["train_seconds"] > 0
             curve = r["curve"]
             assert curve["step"] == [1, 2]
-            terms = {"mse": {"mse"}, "contrastive": {"infonce"}}.get(r["group"], {"infonce", "hsic"})
+            contrastive = r["group"] == "contrastive" or r.get("method") == "contrastive"
+            if r["group"] in ("mse", "st_mse"):
+                terms = {"mse"}
+            else:
+                terms = {"infonce"} if contrastive else {"infonce", "hsic"}
             for term in terms:
                 assert len(curve[term]) == 2, (r["name"], term)
                 if term != "mse":
@@ -165,7 +175,7 @@ def test_results_schema(reproduced):
 def test_seed_rows_are_aggregated_as_mean_and_sample_std(reproduced):
     _, _, _, doc, _ = reproduced
     by = {line["row"]: line for line in doc["summary"]}
-    assert {"teacher", "none", "mse", "contrastive", "ibkd", "finetune"} <= set(by)
+    assert {"teacher", "none", "mse", "st_mse", "contrastive", "ibkd", "finetune"} <= set(by)
     mse = [r["test_spearman"] for r in doc["rows"] if r["group"] == "mse"]
     assert len(mse) == 3
     assert by["mse"]["test_spearman"]["mean"] == pytest.approx(statistics.fmean(mse))
@@ -177,6 +187,17 @@ def test_seed_rows_are_aggregated_as_mean_and_sample_std(reproduced):
     assert by["ibkd"]["runs"][0] == doc["sweep"]["chosen"]  # seed 1 of the IBKD row is the sweep's own run
     t = doc["targets"]
     assert t["ibkd_minus_mse"] == pytest.approx(by["ibkd"]["test_spearman"]["mean"] - by["mse"]["test_spearman"]["mean"])
+    assert t["ibkd_minus_st_mse"] == pytest.approx(by["ibkd"]["test_spearman"]["mean"]
+                                                   - by["st_mse"]["test_spearman"]["mean"])
+    # stage 2: the setting chosen on dev at the first seed, then at the others from their IBKD students
+    stage2 = {r["name"]: r["dev_spearman"] for r in doc["rows"] if r["group"] == "stage2_sweep"}
+    assert stage2[doc["stage2"]["chosen"]] == max(stage2.values())
+    assert by["finetune"]["runs"] == [doc["stage2"]["chosen"], "finetune-s2", "finetune-s3"]
+    parents = {r["name"]: r["parent"] for r in doc["rows"] if r["group"] == "finetune"}
+    assert parents == {"finetune-s2": "ibkd-s2", "finetune-s3": "ibkd-s3"}
+    # the layer study: the config's layers (auto-s1) and each candidate, compared on dev
+    assert [c["layers"] for c in doc["layers"]["candidates"]] == ["0,2", "1,2"]
+    assert t["layers_choice_met"] == (doc["layers"]["best_dev"] == "0,2")
     assert by["contrastive"]["test_spearman"]["n"] == len(SEEDS)  # every seed, like MSE and IBKD
     assert by["none"]["test_spearman"]["std"] is None  # one run: no std
     assert t["auto_minus_contrastive_dev"] == pytest.approx(by["auto"]["dev_spearman"]["mean"]
@@ -196,7 +217,8 @@ def test_printed_table_is_the_written_one_and_readme_changes_only_between_marker
     assert after[end:estart + 1] == before[before.index("<!-- reproduce:end -->"):before.index("<!-- embedding:start -->") + 1]
     assert after[eend:] == before[before.index("<!-- embedding:end -->"):]
     section = "\n".join(after[start + 1:end])
-    assert "| student, MSE |" in section and "old reproduce section" not in section
+    assert "| student, MSE (ibkd) |" in section and "| student, MSE (sentence-transformers) |" in section
+    assert "old reproduce section" not in section
     assert section.strip() in out  # the README shows exactly what was printed
     assert section.replace("results/reproduce-tiny.png", "reproduce-tiny.png").strip() in md  # image path aside
     assert "![loss curves and β sweep](results/reproduce-tiny.png)" in section
@@ -245,7 +267,10 @@ def test_changed_settings_rerun_only_the_rows_they_touch(reproduced, monkeypatch
     code, _, err = cli(["--config", config, "--output", str(work), "--results", str(root / "changed.json"),
                         "--readme", "none", "--no-progress"])
     assert code == 0, err
-    assert sorted(ran) == ["ibkd-finetune", "mse-s2"]
+    # ft-lr3e-4-b0 sets its own lr: untouched; the other seeds' stage 2 follow the (maybe new) choice
+    chosen = json.loads((root / "changed.json").read_text())["stage2"]["chosen"]
+    again = ["finetune-s2", "finetune-s3"] if chosen == "ft-lr1e-4" else []
+    assert sorted(ran) == sorted(again + ["ft-lr1e-4", "mse-s2"])
 
 
 def test_render_only_rewrites_the_sections_from_the_json(reproduced):
@@ -263,7 +288,7 @@ def test_render_only_rewrites_the_sections_from_the_json(reproduced):
     (lambda s: s["common"].update(batchsize=8), "batchsize"),
     (lambda s: s["common"].update(seed=3), "seed set by the reproduce plan"),
     (lambda s: s["sweep"]["settings"][0].update(betta=1.0), "betta"),
-    (lambda s: s["sweep"]["settings"].append(dict(s["sweep"]["settings"][0])), "duplicate sweep setting"),
+    (lambda s: s["sweep"]["settings"].append(dict(s["sweep"]["settings"][0])), "sweep: duplicate setting"),
     (lambda s: s["common"].update(learning_rate=-1.0), "learning_rate must be a positive"),
     (lambda s: s["common"].update(lr=1e-3), "lr is the old name of learning_rate"),
     (lambda s: s["common"].update(output_dir="x"), "output_dir set by the reproduce plan"),
@@ -308,7 +333,7 @@ def test_rows_option_runs_only_the_requested_groups(workspace, monkeypatch):
     doc = json.loads((root / "rows.json").read_text())
     status = {r["name"]: r["status"] for r in doc["rows"]}
     assert status["teacher"] == "not run" and status["mse-s2"] == "done"
-    assert "| student, MSE |" in out
+    assert "| student, MSE (ibkd) |" in out
 
 
 def test_quick_section_is_merged_over_the_config(tmp_path):

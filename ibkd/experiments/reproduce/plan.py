@@ -14,13 +14,15 @@ from ...distill.config import DATA_DIR_ENV, default_data_dir
 from ..embedding import stsb_paths
 from .aggregate import assemble, choose
 from .gpu import run_gpu_timing
-from .rows import Context, Row, check_train_config, embedding_row, phase_one_rows, phase_two_rows
+from .rows import Context, Row, check_train_config, embedding_row, phase_one_rows, phase_three_rows, phase_two_rows
 from .run import execute, finished_result
 from .spec import ReproduceError
 
-GROUPS = ("teacher", "none", "mse", "contrastive", "sweep", "ibkd", "auto", "finetune", "compact", "embedding", "gpu")
+GROUPS = ("teacher", "none", "mse", "st_mse", "contrastive", "sweep", "layers", "model2vec", "ibkd", "auto",
+          "stage2_sweep", "finetune", "compact", "embedding", "gpu")
 # groups a requested group needs first (the rows of these that are already finished are simply reused)
-NEEDS = {"ibkd": ("sweep",), "finetune": ("sweep",), "compact": ("sweep",)}
+NEEDS = {"ibkd": ("sweep",), "stage2_sweep": ("sweep",), "finetune": ("sweep", "stage2_sweep", "ibkd"),
+         "compact": ("sweep",)}
 
 
 def log_stderr(message: str) -> None:
@@ -87,27 +89,49 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[st
         if row.kind == "train":
             check_train_config(row)
     records: dict[str, dict] = {}
-    total = len(first) + len(second_stand_in)
-    for i, row in enumerate(first, 1):
-        if row.group in wanted:
-            records[row.name] = execute(row, ctx, index=f"[{i}/{total}] ")
-    sweep_records = [records.get(r.name) or _stored(r, ctx) for r in first if r.group == "sweep"]
+    total = len(first) + len(second_stand_in) + max(0, len(ctx.spec.get("seeds", [1, 2, 3])) - 1)
+    done = 0
+
+    def run_rows(rows: list[Row]) -> None:
+        nonlocal done
+        for row in rows:
+            done += 1
+            if row.group in wanted:
+                records[row.name] = execute(row, ctx, index=f"[{done}/{total}] ", records=records)
+
+    def record(row: Row) -> Optional[dict]:
+        return records.get(row.name) or _stored(row, ctx)
+
+    run_rows(first)
+    sweep_records = [record(r) for r in first if r.group == "sweep"]
     chosen = choose([r for r in sweep_records if r])
     second: list[Row] = []
+    third: list[Row] = []
+    stage2_chosen = None
     if chosen is not None:
         chosen_row = next(r for r in first if r.name == chosen["name"])
         second = phase_two_rows(ctx, chosen_row, chosen["student"])
-        for i, row in enumerate(second, 1):
-            if row.group in wanted:
-                records[row.name] = execute(row, ctx, index=f"[{len(first) + i}/{total}] ", records=records)
-    elif wanted & {"ibkd", "finetune", "compact"}:
-        log("no finished sweep row: the ibkd, finetune and compact rows need the sweep's choice")
+        run_rows(second)
+        stage2_rows = [r for r in second if r.group == "stage2_sweep"]
+        stage2_chosen = choose([rec for rec in map(record, stage2_rows) if rec])
+        if stage2_chosen is not None:
+            # the chosen IBKD setting's students of the other seeds, for the chosen stage 2 at every seed
+            parents = {}
+            for r in second:
+                rec = record(r) if r.group == "ibkd" else None
+                if rec and rec.get("status") == "done":
+                    parents[r.seed] = (r, rec["student"])
+            third = phase_three_rows(ctx, chosen_row, next(r for r in stage2_rows if r.name == stage2_chosen["name"]),
+                                     parents)
+            run_rows(third)
+    elif wanted & {"ibkd", "stage2_sweep", "finetune", "compact"}:
+        log("no finished sweep row: the ibkd, stage 2 and compact rows need the sweep's choice")
     emb = embedding_row(ctx)
     if emb is not None and "embedding" in wanted:
         records[emb.name] = execute(emb, ctx, index="[embedding] ")
     gpu = run_gpu_timing(ctx) if "gpu" in wanted else {"status": "not requested"}
     final = []
-    for row in first + second + ([emb] if emb is not None else []):
+    for row in first + second + third + ([emb] if emb is not None else []):
         # rows not run now: their stored result of the same settings, if any
         rec = records.get(row.name) or _stored(row, ctx)
         if rec is None:
@@ -115,4 +139,4 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[st
                    "config_hash": row.config_hash(), **row.info, "status": "not run",
                    "reason": "not requested in this invocation"}
         final.append(rec)
-    return assemble(spec, final, chosen, gpu, started, argv or [])
+    return assemble(spec, final, chosen, gpu, started, argv or [], stage2_chosen=stage2_chosen)

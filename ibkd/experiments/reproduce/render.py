@@ -41,9 +41,10 @@ def _duration(s) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-ROW_TITLES = {"teacher": "teacher", "none": "student, untrained", "mse": "student, MSE",
-              "contrastive": "student, contrastive only", "ibkd": "student, IBKD", "auto": "student, IBKD β=auto", "finetune": "student, IBKD + stage 2",
-              "compact": "compact student, IBKD"}
+ROW_TITLES = {"teacher": "teacher", "none": "student, untrained", "mse": "student, MSE (ibkd)",
+              "st_mse": "student, MSE (sentence-transformers)", "contrastive": "student, contrastive only",
+              "ibkd": "student, IBKD", "auto": "student, IBKD β=auto", "finetune": "student, IBKD + stage 2",
+              "compact": "compact student, IBKD", "model2vec": "Model2Vec (static)"}
 
 
 def render_reproduce(doc: dict, image: Optional[str]) -> str:
@@ -75,26 +76,11 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
         out.append(f"| {title} | {label} | {seeds} | {_ms(line['dev_spearman'])} "
                    f"| {_ms(line['test_spearman'])} | {_params(line['parameters'])} | {line.get('embedding_dim') or '—'} "
                    f"| {_ms(line['sentences_per_second'], 0)} | {train} |")
-    t = doc["targets"]
-    out += ["", "Targets (reported against, not tuned towards):", ""]
-    if "ibkd_over_teacher" in t:
-        met = "met" if t["teacher_fraction_met"] else "**not met**"
-        out.append(f"- IBKD test {_f(t['ibkd_test_mean'])} = {100 * t['ibkd_over_teacher']:.1f}% of the teacher's "
-                   f"{_f(t['teacher_test'])} (target ≥ {100 * t['teacher_fraction']:.0f}%): {met}.")
-    if "ibkd_minus_mse" in t:
-        met = "met" if t["over_mse_met"] else "**not met**"
-        out.append(f"- IBKD − MSE on test: {t['ibkd_minus_mse']:+.2f} points (target ≥ +{t['over_mse']:.1f}): {met}.")
-    if "auto_minus_best_fixed_dev" in t:
-        met = "met" if t["auto_within_met"] else "**not met**"
-        out.append(f"- IBKD β=auto vs the best swept fixed β on dev (3-seed means): {t['auto_minus_best_fixed_dev']:+.2f} "
-                   f"points (target ≥ −{t['auto_within']:.2f}): {met}.")
-    if "auto_minus_contrastive_dev" in t:
-        met = "met" if t["auto_over_contrastive_met"] else "**not met**"
-        out.append(f"- IBKD β=auto vs β=0 on dev (3-seed means): {t['auto_minus_contrastive_dev']:+.2f} points "
-                   f"(target ≥ +{t['auto_over_contrastive']:.1f}): {met}.")
-    if "ibkd_over_teacher" not in t and "ibkd_minus_mse" not in t:
-        out.append("- not measured (rows missing).")
+    out += ["", "Targets (reported against, not tuned towards):", ""] + render_targets(doc["targets"])
     out += ["", render_sweep(doc), ""]
+    for part in (render_layers(doc), render_stage2(doc)):
+        if part:
+            out += [part, ""]
     if image:
         out += [f"![loss curves and β sweep]({image})", ""]
     skipped = doc.get("skipped") or []
@@ -112,6 +98,73 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
     if env.get("note"):  # an annotation of the run (e.g. other load on the machine), kept in the results JSON
         out += ["", f"Note: {env['note']}"]
     return "\n".join(out) + "\n"
+
+
+def _verdict(ok) -> str:
+    return "met" if ok else "**not met**"
+
+
+def render_targets(t: dict) -> list[str]:
+    """One line per target with the numbers and met / not met."""
+    out = []
+    if "final_over_teacher" in t:
+        which = "IBKD + stage 2" if t.get("final_row") == "finetune" else "IBKD"
+        out.append(f"- 2-layer student ({which}) test {_f(t['final_test_mean'])} = {100 * t['final_over_teacher']:.1f}% "
+                   f"of the teacher's {_f(t['teacher_test'])} (target ≥ {100 * t['teacher_fraction']:.0f}%): "
+                   f"{_verdict(t['teacher_fraction_met'])}.")
+    for peer, name in (("st_mse", "sentence-transformers' MSE recipe"), ("mse", "ibkd's MSE")):
+        if f"ibkd_minus_{peer}" in t:
+            out.append(f"- IBKD (stage 1) − {name} on test, 3-seed means: {t[f'ibkd_minus_{peer}']:+.2f} points "
+                       f"(target ≥ +{t['over_mse']:.1f}): {_verdict(t[f'over_{peer}_met'])}.")
+    if "auto_minus_best_fixed_dev" in t:
+        out.append(f"- IBKD β=auto vs the chosen setting on dev (3-seed means): {t['auto_minus_best_fixed_dev']:+.2f} "
+                   f"points (target ≥ −{t['auto_within']:.2f}): {_verdict(t['auto_within_met'])}.")
+    if "auto_minus_contrastive_dev" in t:
+        out.append(f"- IBKD β=auto vs β=0 on dev (3-seed means): {t['auto_minus_contrastive_dev']:+.2f} points "
+                   f"(target ≥ +{t['auto_over_contrastive']:.1f}): {_verdict(t['auto_over_contrastive_met'])}.")
+    if t.get("compact_test_met") is not None:
+        out.append(f"- compact student: test {_f(t['compact_test'])} (target ≥ {t['compact_test_target']:g}): "
+                   f"{_verdict(t['compact_test_met'])}; {_params(t['compact_parameters'])} parameters (target ≤ "
+                   f"{_params(t['compact_parameters_target'])}): {_verdict(t['compact_size_met'])}.")
+    if "compact_minus_model2vec" in t:
+        out.append(f"- compact student vs Model2Vec ({_params(t.get('model2vec_parameters'))}) on test: "
+                   f"{t['compact_minus_model2vec']:+.2f} points: {_verdict(t['compact_over_model2vec_met'])}.")
+    if "layers_choice_met" in t:
+        out.append(f"- teacher layers kept: the config's {{{t['layers_config']}}} vs the dev-best {{{t['layers_best_dev']}}}"
+                   f": {'the same' if t['layers_choice_met'] else '**different**'}.")
+    return out or ["- not measured (rows missing)."]
+
+
+def render_layers(doc: dict) -> str:
+    study = doc.get("layers") or {}
+    if not study.get("candidates"):
+        return ""
+    out = ["Which teacher layers the 2-layer student keeps (IBKD β=auto, first seed; chosen by dev):", "",
+           "| layers | dev | test |", "|---|---:|---:|"]
+    for c in study["candidates"]:
+        name = f"{{{c['layers']}}}" + (" (config)" if c["layers"] == study.get("config") else "")
+        out.append(f"| {name} | {_f(c['dev_spearman'])} | {_f(c['test_spearman'])} |")
+    return "\n".join(out)
+
+
+def render_stage2(doc: dict) -> str:
+    st = doc.get("stage2") or {}
+    settings = st.get("settings") or []
+    if len(settings) < 2:
+        return ""
+    out = ["Stage 2 on STS-B train from the chosen first-seed student (chosen by dev; ‖∇β·HSIC‖/‖∇InfoNCE‖ as in the "
+           "sweep):", "", "| setting | dev | test | ‖∇β·HSIC‖/‖∇InfoNCE‖ |", "|---|---:|---:|---:|"]
+    for r in settings:
+        if r.get("status") != "done":
+            out.append(f"| {r.get('stage2_name') or r.get('name')} | {r.get('status')} | | |")
+            continue
+        name = r.get("stage2_name") or r["name"]
+        if r["name"] == st.get("chosen"):
+            name = f"**{name}** (chosen)"
+        ratio = (r.get("curve_stats") or {}).get("grad_ratio_hsic_infonce")
+        out.append(f"| {name} | {_f(r.get('dev_spearman'))} | {_f(r.get('test_spearman'))} "
+                   f"| {'—' if ratio is None else f'{ratio:.3g}'} |")
+    return "\n".join(out)
 
 
 def render_sweep(doc: dict) -> str:
@@ -178,9 +231,10 @@ def render_embedding(doc: dict) -> str:
         out.append(f"Embedding-table comparison: {emb.get('status', 'not run')}"
                    + (f" — {emb['reason']}." if emb.get("reason") else "."))
     by = {line["row"]: line for line in doc["summary"]}
-    pair = [by[k] for k in ("ibkd", "compact") if k in by]
-    out += ["", "Compact factorized student (embedding table d_small + up-projection, teacher layers kept) vs the "
-            "2-layer IBKD student, same data and steps (settings as in the reproduction table):", ""]
+    pair = [by[k] for k in ("finetune", "ibkd", "compact", "model2vec") if k in by]
+    out += ["", "Compact factorized student (embedding table d_small + up-projection, teacher layers kept) beside the "
+            "2-layer IBKD students and Model2Vec's static distillation of the same teacher (settings as in the "
+            "reproduction table):", ""]
     if "compact" not in by:
         reason = next((r.get("reason") for r in doc["rows"] if r["name"] == "compact-ibkd"), None)
         out.append(f"_not available: {reason or 'not run'}_")
@@ -188,7 +242,8 @@ def render_embedding(doc: dict) -> str:
         out += ["| student | params | embedding table | encode (sent/s) | STS-B dev | STS-B test |",
                 "|---|---:|---|---:|---:|---:|"]
         for line in pair:
-            table = f"d={line['d_small']}" if line.get("d_small") else f"full ({line.get('embedding_dim')})"
+            table = (f"d={line['d_small']}" if line.get("d_small") else "static, no layers" if line["row"] == "model2vec"
+                     else f"full ({line.get('embedding_dim')})")
             out.append(f"| {ROW_TITLES[line['row']]} | {_params(line['parameters'])} | {table} "
                        f"| {_ms(line['sentences_per_second'], 0)} | {_ms(line['dev_spearman'])} | {_ms(line['test_spearman'])} |")
     return "\n".join(out) + "\n"

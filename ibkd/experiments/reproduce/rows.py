@@ -28,7 +28,7 @@ class Row:
 
     name: str
     group: str
-    kind: str  # "teacher" | "train" | "table" | "embedding"
+    kind: str  # "teacher" | "train" | "st_mse" | "model2vec" | "table" | "embedding"
     seed: Optional[int] = None
     train: dict = field(default_factory=dict)  # TrainConfig fields (kind "train")
     info: dict = field(default_factory=dict)  # label, settings, anything rendered
@@ -117,6 +117,12 @@ def phase_one_rows(ctx: Context) -> list[Row]:
                  "data_dir": ctx.data_dir}, str(ctx.output)),
             distill_row(ctx, "none", "none", "none", seeds[0])]
     rows += [distill_row(ctx, f"mse-s{s}", "mse", "mse", s) for s in seeds]
+    if (spec.get("st_mse") or {}).get("enabled", True):
+        # the field's own recipe: sentence-transformers' MSELoss + SentenceTransformerTrainer (st_mse_peer.py)
+        for s in seeds:
+            row = distill_row(ctx, f"st-mse-s{s}", "st_mse", "mse", s)
+            row.kind, row.info["label"] = "st_mse", "sentence-transformers MSELoss (their trainer)"
+            rows.append(row)
     # every seed: β=0 is what beta=auto must beat by a margin that seed noise cannot explain
     rows += [distill_row(ctx, f"contrastive-s{s}", "contrastive", "contrastive", s) for s in seeds]
     rows += [distill_row(ctx, f"auto-s{s}", "auto", "ibkd", s, spec["auto"]) for s in seeds]
@@ -124,6 +130,20 @@ def phase_one_rows(ctx: Context) -> list[Row]:
         row = distill_row(ctx, f"sweep-{setting['name']}", "sweep", "ibkd", seeds[0], setting)
         row.info["sweep_name"] = setting["name"]
         rows.append(row)
+    # which teacher layers the 2-layer student keeps: the alternatives at equal size, with the β=auto setting
+    # of the first seed (auto-s<first> is the row of common.student_layers)
+    for layers in (spec.get("layers") or {}).get("candidates") or []:
+        row = distill_row(ctx, f"layers-{layers.replace(',', '-')}", "layers", "ibkd", seeds[0], spec["auto"],
+                          extra_train={"student_layers": layers})
+        row.info["student_layers"] = layers
+        rows.append(row)
+    m2v = spec.get("model2vec") or {}
+    if m2v.get("enabled", True):
+        pca_dims = m2v.get("pca_dims", 256)
+        rows.append(Row("model2vec", "model2vec", "model2vec", None, {},
+                        {"label": f"Model2Vec distill of the teacher (static, PCA {pca_dims})", "pca_dims": pca_dims,
+                         "teacher": common["teacher"]},
+                        {**_eval_extra(ctx), "teacher": common["teacher"], "pca_dims": pca_dims}, str(ctx.output)))
     return rows
 
 
@@ -138,15 +158,11 @@ def phase_two_rows(ctx: Context, chosen: Row, chosen_student: str) -> list[Row]:
         row = distill_row(ctx, f"ibkd-s{s}", "ibkd", "ibkd", s, setting, hash_extra=parent)
         row.info["sweep_name"] = chosen.info.get("sweep_name")
         rows.append(row)
-    ft = dict(spec.get("finetune") or {})
-    train = {"max_length": spec["common"].get("max_length", TrainConfig.max_length), **ft, **_runtime(ctx),
-             "stage": "finetune", "method": ft.get("method", "ibkd"), "seed": seeds[0], "student": chosen_student,
-             "train_file": ctx.sts["train"], "teacher": None}
-    rows.append(Row("ibkd-finetune", "finetune", "train", seeds[0], train,
-                    {"label": f"stage 2 on STS-B train from {chosen.name}", "setting": ft, "method": train["method"],
-                     "steps": train.get("max_steps"), "parent": chosen.name,
-                     "batch_size": train.get("per_device_train_batch_size", TrainConfig.per_device_train_batch_size)},
-                    {**_eval_extra(ctx), **parent}, str(ctx.output)))
+    for setting in stage2_settings(spec):
+        row = finetune_row(ctx, f"ft-{setting['name']}" if setting["name"] else "ibkd-finetune", "stage2_sweep",
+                           seeds[0], setting, chosen.name, chosen_student, parent)
+        row.info["stage2_name"] = setting["name"]
+        rows.append(row)
     compact = spec.get("compact") or {}
     if compact.get("enabled", True):
         table_cfg = dict(compact.get("table") or {})
@@ -163,6 +179,47 @@ def phase_two_rows(ctx: Context, chosen: Row, chosen_student: str) -> list[Row]:
         student.info["d_small"] = table_cfg["d_small"]
         student.info["needs"] = ["compact-table"]
         rows.append(student)
+    return rows
+
+
+def stage2_settings(spec: dict) -> list[dict]:
+    """The stage-2 settings to compare on dev (over the ``finetune:`` base); without a ``stage2_sweep`` the
+    base alone (its row keeps the historical name ``ibkd-finetune``)."""
+    settings = (spec.get("stage2_sweep") or {}).get("settings")
+    return settings if settings else [{"name": ""}]
+
+
+def finetune_row(ctx: Context, name: str, group: str, seed: int, setting: dict, parent_name: str, parent_student: str,
+                 parent_hash: dict) -> Row:
+    """Stage 2 on STS-B train from the student in ``parent_student`` (the ``finetune:`` base + ``setting``)."""
+    spec = ctx.spec
+    ft = {**(spec.get("finetune") or {}), **{k: v for k, v in setting.items() if k != "name"}}
+    train = {"max_length": spec["common"].get("max_length", TrainConfig.max_length), **ft, **_runtime(ctx),
+             "stage": "finetune", "method": ft.get("method", "ibkd"), "seed": seed, "student": parent_student,
+             "train_file": ctx.sts["train"], "teacher": None}
+    label = f"stage 2 on STS-B train from {parent_name}" + (f" ({setting['name']})" if setting.get("name") else "")
+    return Row(name, group, "train", seed, train,
+               {"label": label, "setting": ft, "method": train["method"], "steps": train.get("max_steps"),
+                "parent": parent_name, "batch_size": train.get("per_device_train_batch_size",
+                                                                TrainConfig.per_device_train_batch_size)},
+               {**_eval_extra(ctx), **parent_hash}, str(ctx.output))
+
+
+def phase_three_rows(ctx: Context, chosen: Row, stage2_chosen: Row, parents: dict) -> list[Row]:
+    """The stage-2 setting chosen on dev, from the chosen IBKD setting's students of the other seeds
+    (``parents``: seed -> (row, student folder)), so IBKD + stage 2 has a mean ± std over seeds too."""
+    seeds = ctx.spec.get("seeds", [1, 2, 3])
+    setting = {"name": stage2_chosen.info.get("stage2_name") or "", **(stage2_chosen.info.get("setting") or {})}
+    rows = []
+    for s in seeds[1:]:
+        if s not in parents:
+            continue
+        parent_row, student = parents[s]
+        row = finetune_row(ctx, f"finetune-s{s}", "finetune", s, setting, parent_row.name, student,
+                           {"chosen": chosen.info.get("sweep_name"), "parent_hash": parent_row.config_hash(),
+                            "stage2_chosen": stage2_chosen.config_hash()})
+        row.info["stage2_name"] = stage2_chosen.info.get("stage2_name")
+        rows.append(row)
     return rows
 
 

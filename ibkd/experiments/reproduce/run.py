@@ -191,6 +191,25 @@ def run_table_row(row: Row, ctx: Context, folder: Path) -> dict:
             "embedding_dim": int(table.shape[1]), "table": str(folder / "table")}
 
 
+def run_st_mse_row(row: Row, ctx: Context, folder: Path) -> dict:
+    """The field's recipe (sentence-transformers' MSELoss on their trainer), scored like every row."""
+    from .st_mse_peer import run_st_mse_row as train_and_score
+
+    out = train_and_score(row, ctx, folder, lambda encoder: evaluate_encoder(
+        encoder, ctx.sts, ctx.spec.get("eval_batch_size", 128)))
+    set_threads(ctx.num_threads)
+    return out
+
+
+def run_model2vec_row(row: Row, ctx: Context, folder: Path) -> dict:
+    """Model2Vec's ``distill`` of the teacher (static embeddings), scored like every row."""
+    from .model2vec_peer import run_model2vec_row as distill_and_score
+
+    out = distill_and_score(row, ctx, folder)
+    set_threads(ctx.num_threads)
+    return out
+
+
 def run_embedding_row(row: Row, ctx: Context, folder: Path) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -223,7 +242,8 @@ def execute(row: Row, ctx: Context, *, index: str = "", records: Optional[dict] 
         if row.kind == "teacher":
             out = run_teacher_row(row, ctx)
         else:
-            runner = {"train": run_train_row, "table": run_table_row, "embedding": run_embedding_row}[row.kind]
+            runner = {"train": run_train_row, "table": run_table_row, "embedding": run_embedding_row,
+                      "st_mse": run_st_mse_row, "model2vec": run_model2vec_row}[row.kind]
             out = runner(row, ctx, folder)
     except Exception as exc:  # noqa: BLE001 - one failed row must not cost the others (rerun resumes it)
         message = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -17,14 +17,18 @@ DEFAULT_CONFIG = "reproduce-minilm"
 
 TOP_KEYS = {"output_dir", "results", "readme", "num_threads", "cache_dir", "sts_limit", "seeds",
             "eval_batch_size", "common", "sweep", "finetune", "compact", "embedding_comparison", "gpu_timing",
-            "targets", "quick", "budget", "auto"}
+            "targets", "quick", "budget", "auto", "layers", "st_mse", "model2vec", "stage2_sweep"}
 #: old top-level key -> its name now
 TOP_ALIASES = {"output": "output_dir"}
 SWEEP_KEYS = {"select_by", "settings"}
 COMPACT_KEYS = {"enabled", "table", "distill"}
 EMBEDDING_KEYS = {"enabled", "sizes", "seeds", "overrides"}
 GPU_KEYS = {"enabled", "batches", "backends", "amp", "warmup", "steps"}
-TARGET_KEYS = {"teacher_fraction", "over_mse", "auto_within", "auto_over_contrastive"}
+TARGET_KEYS = {"teacher_fraction", "over_mse", "auto_within", "auto_over_contrastive", "compact_test",
+               "compact_parameters"}
+LAYERS_KEYS = {"candidates"}
+ST_MSE_KEYS = {"enabled"}
+MODEL2VEC_KEYS = {"enabled", "pca_dims"}
 # TrainConfig fields the plan sets per row (a value for them in the config would be silently overridden)
 RESERVED = {"stage", "method", "seed", "output_dir", "dev", "test", "no_eval", "eval_steps", "resume",
             "overwrite_output_dir", "train_file"}
@@ -101,6 +105,23 @@ def load_spec(path: str, *, quick: bool = False) -> dict:
     return spec
 
 
+def _named_settings(where: str, settings, reserved: set) -> list:
+    """A non-empty list of ``{name, <TrainConfig fields>}`` with distinct, path-safe names."""
+    _need(isinstance(settings, list) and settings, f"{where}.settings must be a non-empty list")
+    names, out = [], []
+    for i, item in enumerate(settings):
+        _need(isinstance(item, dict) and "name" in item, f"{where}.settings[{i}] needs a 'name'")
+        name = item["name"]
+        _need(isinstance(name, str) and NAME_RE.match(name) is not None,
+              f"{where}.settings[{i}].name {name!r} must be letters, digits, '.', '_', '+', '-'")
+        names.append(name)
+        body = {k: v for k, v in item.items() if k != "name"}
+        out.append({"name": name, **train_section(f"{where}.settings[{i}] ({name})", body, reserved=reserved)})
+    dup = sorted({n for n in names if names.count(n) > 1})
+    _need(not dup, f"{where}: duplicate setting name(s): {', '.join(dup)}")
+    return out
+
+
 def validate_spec(spec: dict, where: str = "config") -> None:
     """Structural checks with messages that name the key; the TrainConfig sections are rewritten with the
     fields' own names. Values are checked later by building every row's TrainConfig before anything
@@ -119,19 +140,22 @@ def validate_spec(spec: dict, where: str = "config") -> None:
     _need(limit is None or (isinstance(limit, int) and limit >= 2), f"{where}: sts_limit must be an int >= 2 or null")
     sweep = _check_keys(f"{where}: sweep", spec.get("sweep") or {}, SWEEP_KEYS)
     _need(sweep.get("select_by", "dev") == "dev", f"{where}: sweep.select_by must be 'dev' (test is never used to choose)")
-    settings = sweep.get("settings") or []
-    _need(isinstance(settings, list) and settings, f"{where}: sweep.settings must be a non-empty list")
-    names = []
-    for i, item in enumerate(settings):
-        _need(isinstance(item, dict) and "name" in item, f"{where}: sweep.settings[{i}] needs a 'name'")
-        name = item["name"]
-        _need(isinstance(name, str) and NAME_RE.match(name) is not None,
-              f"{where}: sweep.settings[{i}].name {name!r} must be letters, digits, '.', '_', '+', '-'")
-        names.append(name)
-        body = {k: v for k, v in item.items() if k != "name"}
-        settings[i] = {"name": name, **train_section(f"{where}: sweep.settings[{i}] ({name})", body, reserved=RESERVED)}
-    dup = sorted({n for n in names if names.count(n) > 1})
-    _need(not dup, f"{where}: duplicate sweep setting name(s): {', '.join(dup)}")
+    sweep["settings"] = _named_settings(f"{where}: sweep", sweep.get("settings"), RESERVED)
+    stage2 = _check_keys(f"{where}: stage2_sweep", spec.get("stage2_sweep") or {}, SWEEP_KEYS)
+    _need(stage2.get("select_by", "dev") == "dev",
+          f"{where}: stage2_sweep.select_by must be 'dev' (test is never used to choose)")
+    if stage2.get("settings") is not None:
+        stage2["settings"] = _named_settings(f"{where}: stage2_sweep", stage2["settings"],
+                                            RESERVED - {"train_file", "method"})
+    layers = _check_keys(f"{where}: layers", spec.get("layers") or {}, LAYERS_KEYS)
+    candidates = layers.get("candidates") or []
+    _need(isinstance(candidates, list) and all(isinstance(c, str) and c.strip() for c in candidates),
+          f"{where}: layers.candidates must be a list of layer strings such as \"0,3\"")
+    _need(len(set(candidates)) == len(candidates), f"{where}: layers.candidates has duplicates")
+    _check_keys(f"{where}: st_mse", spec.get("st_mse") or {}, ST_MSE_KEYS)
+    m2v = _check_keys(f"{where}: model2vec", spec.get("model2vec") or {}, MODEL2VEC_KEYS)
+    _need(m2v.get("pca_dims", 256) is None or (isinstance(m2v.get("pca_dims", 256), int) and m2v.get("pca_dims", 256) > 0),
+          f"{where}: model2vec.pca_dims must be a positive int or null")
     spec["finetune"] = train_section(f"{where}: finetune", spec.get("finetune"), reserved=RESERVED - {"train_file"})
     spec["auto"] = train_section(f"{where}: auto", spec.get("auto") or {"beta": "auto"}, reserved=RESERVED)
     compact = _check_keys(f"{where}: compact", spec.get("compact") or {}, COMPACT_KEYS)
