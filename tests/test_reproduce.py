@@ -80,7 +80,7 @@ def workspace(tmp_path_factory):
                      "progress": False, "plot": False},
         "stage2_sweep": {"settings": [{"name": "lr1e-4"}, {"name": "lr3e-4-b0", "learning_rate": 3e-4,
                                                                   "method": "contrastive"}]},
-        "layers": {"candidates": ["1,2"]},
+        "study": {"settings": [{"name": "layers-1-2", "student_layers": "1,2"}]},
         "st_mse": {"enabled": True},
         "model2vec": {"enabled": False},  # tests/test_model2vec_peer.py
         "compact": {"enabled": True, "table": {"d_small": 8, "epochs": 1}},
@@ -127,7 +127,7 @@ def test_results_schema(reproduced):
     assert doc["environment"]["command"].startswith("ibkd reproduce --config")
     names = {r["name"] for r in doc["rows"]}
     chosen = doc["sweep"]["chosen"]
-    expected = ({"teacher", "none", "ft-lr1e-4", "ft-lr3e-4-b0", "compact-table", "compact-ibkd", "layers-1-2",
+    expected = ({"teacher", "none", "ft-lr1e-4", "ft-lr3e-4-b0", "compact-table", "compact-ibkd", "study-layers-1-2",
                  "embedding-comparison", "sweep-unit-g1-b0.2", "sweep-raw-gmed-b100"}
                 | {f"mse-s{s}" for s in SEEDS} | {f"contrastive-s{s}" for s in SEEDS} | {f"auto-s{s}" for s in SEEDS}
                 | {f"st-mse-s{s}" for s in SEEDS} | {f"ibkd-s{s}" for s in SEEDS[1:]}
@@ -195,9 +195,10 @@ def test_seed_rows_are_aggregated_as_mean_and_sample_std(reproduced):
     assert by["finetune"]["runs"] == [doc["stage2"]["chosen"], "finetune-s2", "finetune-s3"]
     parents = {r["name"]: r["parent"] for r in doc["rows"] if r["group"] == "finetune"}
     assert parents == {"finetune-s2": "ibkd-s2", "finetune-s3": "ibkd-s3"}
-    # the layer study: the config's layers (auto-s1) and each candidate, compared on dev
-    assert [c["layers"] for c in doc["layers"]["candidates"]] == ["0,2", "1,2"]
-    assert t["layers_choice_met"] == (doc["layers"]["best_dev"] == "0,2")
+    # the study: the config's settings (auto-s1) and each alternative, compared on dev
+    assert [c["name"] for c in doc["study"]["candidates"]] == ["config", "layers-1-2"]
+    assert doc["study"]["candidates"][1]["change"] == {"student_layers": "1,2"}
+    assert t["study_config_best_met"] == (doc["study"]["best_dev"] == "config")
     assert by["contrastive"]["test_spearman"]["n"] == len(SEEDS)  # every seed, like MSE and IBKD
     assert by["none"]["test_spearman"]["std"] is None  # one run: no std
     assert t["auto_minus_contrastive_dev"] == pytest.approx(by["auto"]["dev_spearman"]["mean"]

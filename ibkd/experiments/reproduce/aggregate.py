@@ -83,7 +83,7 @@ def _met(value: Optional[float], ok: bool) -> Optional[bool]:
     return None if value is None else bool(ok)
 
 
-def targets(summary: list[dict], spec: dict, layer_study: Optional[dict] = None) -> dict:
+def targets(summary: list[dict], spec: dict, study: Optional[dict] = None) -> dict:
     """Every target of the config against the 3-seed means (reported, never tuned towards: choices are on dev)."""
     t = {"teacher_fraction": 0.97, "over_mse": 1.0, "compact_test": 76.0, "compact_parameters": 7_500_000,
          **(spec.get("targets") or {})}
@@ -129,29 +129,29 @@ def targets(summary: list[dict], spec: dict, layer_study: Optional[dict] = None)
             if c_test is not None and out["model2vec_test"] is not None:
                 out["compact_minus_model2vec"] = c_test - out["model2vec_test"]
                 out["compact_over_model2vec_met"] = c_test > out["model2vec_test"]
-    if layer_study and layer_study.get("candidates"):
-        out["layers_config"], out["layers_best_dev"] = layer_study["config"], layer_study["best_dev"]
-        out["layers_choice_met"] = layer_study["config"] == layer_study["best_dev"]
+    if study and study.get("candidates"):
+        out["study_best_dev"] = study["best_dev"]
+        out["study_config_best_met"] = study["best_dev"] == "config"
     return out
 
 
-def layer_study(rows: list[dict], spec: dict) -> dict:
-    """The layer study on dev: the config's layers (its β=auto first-seed row) and every candidate."""
+def settings_study(rows: list[dict], spec: dict) -> dict:
+    """The study of common's stage-1 settings on dev: common's own (its β=auto first-seed row) against each
+    alternative (one change each)."""
     first = (spec.get("seeds") or [1])[0]
-    config_layers = str(spec["common"]["student_layers"])
     cands = []
     base = next((r for r in rows if r["group"] == "auto" and r.get("seed") == first and r.get("status") == "done"), None)
     if base is not None:
-        cands.append({"layers": config_layers, "row": base["name"], "dev_spearman": base.get("dev_spearman"),
+        cands.append({"name": "config", "change": {}, "row": base["name"], "dev_spearman": base.get("dev_spearman"),
                       "test_spearman": base.get("test_spearman")})
     for r in rows:
-        if r["group"] == "layers" and r.get("status") == "done":
-            cands.append({"layers": r.get("student_layers"), "row": r["name"], "dev_spearman": r.get("dev_spearman"),
-                          "test_spearman": r.get("test_spearman")})
+        if r["group"] == "study" and r.get("status") == "done":
+            cands.append({"name": r.get("study_name"), "change": r.get("change"), "row": r["name"],
+                          "dev_spearman": r.get("dev_spearman"), "test_spearman": r.get("test_spearman")})
     best = max(cands, key=lambda c: c["dev_spearman"] if isinstance(c["dev_spearman"], (int, float)) else -1e9,
                default=None)
-    return {"select_by": "dev", "config": config_layers, "best_dev": best["layers"] if best else None,
-            "candidates": cands if len(cands) > 1 else []}
+    return {"select_by": "dev", "best_dev": best["name"] if best else None,
+            "candidates": cands if len(cands) > 1 and base is not None else []}
 
 
 def _git_commit() -> Optional[str]:
@@ -181,7 +181,7 @@ def assemble(spec: dict, rows: list[dict], chosen: Optional[dict], gpu: dict, st
     chosen_name = chosen["name"] if chosen else None
     stage2_name = stage2_chosen["name"] if stage2_chosen else None
     summary = summarize(rows, chosen_name, stage2_name)
-    layers = layer_study(rows, spec)
+    study = settings_study(rows, spec)
     sweep = [r for r in rows if r["group"] == "sweep"]
     contrastive = next((r for r in rows if r["group"] == "contrastive" and r.get("status") == "done"), None)
     emb = next((r for r in rows if r["kind"] == "embedding"), None)
@@ -203,8 +203,8 @@ def assemble(spec: dict, rows: list[dict], chosen: Optional[dict], gpu: dict, st
             "budget": spec.get("budget"), "finetune": spec.get("finetune"), "amp": common.get("amp", "off"),
         },
         "summary": summary,
-        "targets": targets(summary, spec, layers),
-        "layers": layers,
+        "targets": targets(summary, spec, study),
+        "study": study,
         "stage2": {"select_by": "dev", "chosen": stage2_name,
                    "settings": [{k: r.get(k) for k in ("name", "stage2_name", "label", "setting", "status", "dev_spearman",
                                                        "test_spearman", "curve_stats")}

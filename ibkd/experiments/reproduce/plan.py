@@ -18,7 +18,7 @@ from .rows import Context, Row, check_train_config, embedding_row, phase_one_row
 from .run import execute, finished_result
 from .spec import ReproduceError
 
-GROUPS = ("teacher", "none", "mse", "st_mse", "contrastive", "sweep", "layers", "model2vec", "ibkd", "auto",
+GROUPS = ("teacher", "none", "mse", "st_mse", "contrastive", "sweep", "study", "model2vec", "ibkd", "auto",
           "stage2_sweep", "finetune", "compact", "embedding", "gpu")
 # groups a requested group needs first (the rows of these that are already finished are simply reused)
 NEEDS = {"ibkd": ("sweep",), "stage2_sweep": ("sweep",), "finetune": ("sweep", "stage2_sweep", "ibkd"),

@@ -78,7 +78,7 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
                    f"| {_ms(line['sentences_per_second'], 0)} | {train} |")
     out += ["", "Targets (reported against, not tuned towards):", ""] + render_targets(doc["targets"])
     out += ["", render_sweep(doc), ""]
-    for part in (render_layers(doc), render_stage2(doc)):
+    for part in (render_study(doc), render_stage2(doc)):
         if part:
             out += [part, ""]
     if image:
@@ -129,21 +129,27 @@ def render_targets(t: dict) -> list[str]:
     if "compact_minus_model2vec" in t:
         out.append(f"- compact student vs Model2Vec ({_params(t.get('model2vec_parameters'))}) on test: "
                    f"{t['compact_minus_model2vec']:+.2f} points: {_verdict(t['compact_over_model2vec_met'])}.")
-    if "layers_choice_met" in t:
-        out.append(f"- teacher layers kept: the config's {{{t['layers_config']}}} vs the dev-best {{{t['layers_best_dev']}}}"
-                   f": {'the same' if t['layers_choice_met'] else '**different**'}.")
+    if "study_config_best_met" in t:
+        best = "the config's own" if t["study_config_best_met"] else f"**{t['study_best_dev']}**, not the config's"
+        out.append(f"- stage-1 settings (layers kept, lr, max length, ...): best on dev among the studied: {best}.")
     return out or ["- not measured (rows missing)."]
 
 
-def render_layers(doc: dict) -> str:
-    study = doc.get("layers") or {}
+def _change(change: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (change or {}).items()) or "—"
+
+
+def render_study(doc: dict) -> str:
+    study = doc.get("study") or {}
     if not study.get("candidates"):
         return ""
-    out = ["Which teacher layers the 2-layer student keeps (IBKD β=auto, first seed; chosen by dev):", "",
-           "| layers | dev | test |", "|---|---:|---:|"]
+    out = ["Stage-1 settings against one change each (IBKD β=auto, first seed; chosen by dev):", "",
+           "| setting | change | dev | test |", "|---|---|---:|---:|"]
     for c in study["candidates"]:
-        name = f"{{{c['layers']}}}" + (" (config)" if c["layers"] == study.get("config") else "")
-        out.append(f"| {name} | {_f(c['dev_spearman'])} | {_f(c['test_spearman'])} |")
+        name = "the config's" if c["name"] == "config" else c["name"]
+        if c["name"] == study.get("best_dev"):
+            name = f"**{name}** (best dev)"
+        out.append(f"| {name} | {_change(c.get('change'))} | {_f(c['dev_spearman'])} | {_f(c['test_spearman'])} |")
     return "\n".join(out)
 
 

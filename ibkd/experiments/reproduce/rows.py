@@ -130,12 +130,12 @@ def phase_one_rows(ctx: Context) -> list[Row]:
         row = distill_row(ctx, f"sweep-{setting['name']}", "sweep", "ibkd", seeds[0], setting)
         row.info["sweep_name"] = setting["name"]
         rows.append(row)
-    # which teacher layers the 2-layer student keeps: the alternatives at equal size, with the β=auto setting
-    # of the first seed (auto-s<first> is the row of common.student_layers)
-    for layers in (spec.get("layers") or {}).get("candidates") or []:
-        row = distill_row(ctx, f"layers-{layers.replace(',', '-')}", "layers", "ibkd", seeds[0], spec["auto"],
-                          extra_train={"student_layers": layers})
-        row.info["student_layers"] = layers
+    # the stage-1 settings of common (layers kept, lr, max length, ...) against alternatives, one change each,
+    # with the β=auto setting at the first seed: auto-s<first> is the row of common's own settings
+    for setting in (spec.get("study") or {}).get("settings") or []:
+        row = distill_row(ctx, f"study-{setting['name']}", "study", "ibkd", seeds[0], spec["auto"],
+                          extra_train={k: v for k, v in setting.items() if k != "name"})
+        row.info.update(study_name=setting["name"], change={k: v for k, v in setting.items() if k != "name"})
         rows.append(row)
     m2v = spec.get("model2vec") or {}
     if m2v.get("enabled", True):

@@ -17,7 +17,7 @@ DEFAULT_CONFIG = "reproduce-minilm"
 
 TOP_KEYS = {"output_dir", "results", "readme", "num_threads", "cache_dir", "sts_limit", "seeds",
             "eval_batch_size", "common", "sweep", "finetune", "compact", "embedding_comparison", "gpu_timing",
-            "targets", "quick", "budget", "auto", "layers", "st_mse", "model2vec", "stage2_sweep"}
+            "targets", "quick", "budget", "auto", "study", "st_mse", "model2vec", "stage2_sweep"}
 #: old top-level key -> its name now
 TOP_ALIASES = {"output": "output_dir"}
 SWEEP_KEYS = {"select_by", "settings"}
@@ -26,7 +26,6 @@ EMBEDDING_KEYS = {"enabled", "sizes", "seeds", "overrides"}
 GPU_KEYS = {"enabled", "batches", "backends", "amp", "warmup", "steps"}
 TARGET_KEYS = {"teacher_fraction", "over_mse", "auto_within", "auto_over_contrastive", "compact_test",
                "compact_parameters"}
-LAYERS_KEYS = {"candidates"}
 ST_MSE_KEYS = {"enabled"}
 MODEL2VEC_KEYS = {"enabled", "pca_dims"}
 # TrainConfig fields the plan sets per row (a value for them in the config would be silently overridden)
@@ -147,11 +146,10 @@ def validate_spec(spec: dict, where: str = "config") -> None:
     if stage2.get("settings") is not None:
         stage2["settings"] = _named_settings(f"{where}: stage2_sweep", stage2["settings"],
                                             RESERVED - {"train_file", "method"})
-    layers = _check_keys(f"{where}: layers", spec.get("layers") or {}, LAYERS_KEYS)
-    candidates = layers.get("candidates") or []
-    _need(isinstance(candidates, list) and all(isinstance(c, str) and c.strip() for c in candidates),
-          f"{where}: layers.candidates must be a list of layer strings such as \"0,3\"")
-    _need(len(set(candidates)) == len(candidates), f"{where}: layers.candidates has duplicates")
+    study = _check_keys(f"{where}: study", spec.get("study") or {}, SWEEP_KEYS)
+    _need(study.get("select_by", "dev") == "dev", f"{where}: study.select_by must be 'dev' (test is never used to choose)")
+    if study.get("settings") is not None:
+        study["settings"] = _named_settings(f"{where}: study", study["settings"], RESERVED)
     _check_keys(f"{where}: st_mse", spec.get("st_mse") or {}, ST_MSE_KEYS)
     m2v = _check_keys(f"{where}: model2vec", spec.get("model2vec") or {}, MODEL2VEC_KEYS)
     _need(m2v.get("pca_dims", 256) is None or (isinstance(m2v.get("pca_dims", 256), int) and m2v.get("pca_dims", 256) > 0),
