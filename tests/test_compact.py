@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from ibkd.distill.compact import (FACTORIZED_KEYS, bert_parameter_count, build_compact_student, factorize_student,
-                          load_compact_table, lstsq_up_projection, parameter_table, pca_table)
+from ibkd.distill.compact import (FACTORIZED_KEYS, bert_parameter_count, build_compact_student,
+                                 compact_student_from_config, factorize_student, load_compact_table,
+                                 lstsq_up_projection, parameter_table, pca_compact_student, pca_table)
 from ibkd.distill.compact_modeling import CompactBertConfig, CompactBertModel
 from ibkd.distill.evaluation import count_parameters
 from ibkd.distill.config import ConfigError, TrainConfig
@@ -363,3 +364,187 @@ def test_compact_config_errors(tiny, tmp_path):
     wrong = write_table_folder(tmp_path / "wrong", random_table(teacher.config.vocab_size + 1, 4))
     with pytest.raises(ConfigError, match="another vocabulary"):
         run(TrainConfig.from_dict({**base, "compact_embeddings": str(wrong)}))
+
+
+# -- the PCA start and trimmed position embeddings ------------------------------------------------
+
+def test_pca_start_is_the_rank_d_approximation_of_the_word_embeddings(teacher):
+    e = teacher.model.embeddings.word_embeddings.weight.detach().double()
+    mean = e.mean(0)
+    _, _, vh = torch.linalg.svd(e - mean, full_matrices=False)
+    for d in (3, 7):
+        student = pca_compact_student(subset_layers(teacher, [0, 2]), d).eval()
+        factorized = student.model.embeddings.word_embeddings
+        directions = vh[:d]  # (d, H)
+        # table = centred E on the top-d directions, up-projection = those directions, bias = the mean
+        torch.testing.assert_close(factorized.table.weight.double(), (e - mean) @ directions.T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(factorized.up.weight.double(), directions.T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(factorized.up.bias.double(), mean, atol=1e-6, rtol=1e-6)
+        with torch.no_grad():
+            rows = factorized(torch.arange(e.shape[0])).double()
+        torch.testing.assert_close(rows, mean + (e - mean) @ directions.T @ directions, atol=1e-5, rtol=1e-5)
+        singular = torch.linalg.svdvals(e - mean)
+        torch.testing.assert_close((rows - e).pow(2).sum(), singular[d:].pow(2).sum(), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="d_small"):
+        pca_compact_student(subset_layers(teacher, [0]), teacher.dim + 1)
+
+
+def test_trimmed_positions_give_the_untrimmed_outputs(tiny):
+    teacher = Encoder.load(tiny, max_length=12).eval()
+    assert teacher.config.max_position_embeddings == 64
+    table = random_table(teacher.config.vocab_size, 6)
+    full = build_compact_student(teacher, [0, 2], table).eval()
+    trimmed = build_compact_student(teacher, [0, 2], table, max_positions=12).eval()
+    emb = trimmed.model.embeddings
+    assert emb.position_embeddings.weight.shape == (12, teacher.dim) and trimmed.config.max_position_embeddings == 12
+    assert emb.position_ids.shape[-1] == 12 and emb.token_type_ids.shape[-1] == 12
+    torch.testing.assert_close(emb.position_embeddings.weight, teacher.model.embeddings.position_embeddings.weight[:12])
+    assert trimmed.tokenizer.model_max_length == 12 and teacher.tokenizer.model_max_length > 12  # a copy was changed
+    sentences = SENTS + [" ".join(["the dog runs"] * 6)]  # longer than 12 tokens: truncated to max_length
+    batch = trimmed.tokenize(sentences)
+    assert batch["input_ids"].shape[1] == 12
+    with torch.no_grad():
+        torch.testing.assert_close(trimmed.model(**batch).last_hidden_state, full.model(**batch).last_hidden_state)
+    torch.testing.assert_close(trimmed.encode(sentences), full.encode(sentences))
+    assert count_parameters(full) - count_parameters(trimmed) == (64 - 12) * teacher.dim
+    with pytest.raises(ValueError, match="below the student's max_length 12"):
+        build_compact_student(teacher, [0], table, max_positions=11)
+    with pytest.raises(ValueError, match="beyond the model's 64"):
+        build_compact_student(teacher, [0], table, max_positions=65)
+    with pytest.raises(ValueError, match="max_positions must be a positive int"):
+        build_compact_student(teacher, [0], table, max_positions=12.0)
+
+
+def test_parameter_formula_with_trimmed_positions(teacher):
+    cfg = teacher.config
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                  type_vocab_size=cfg.type_vocab_size)
+    for d, positions in ((5, 32), (9, 40), (9, 64)):  # the fixture's max_length is 32
+        student = pca_compact_student(subset_layers(teacher, [0, 2]), d, max_positions=positions)
+        expected = bert_parameter_count(num_layers=2, embedding_dim=d, max_position_embeddings=positions, **common)
+        assert count_parameters(student) == expected
+    rows = parameter_table(teacher, layers=(0, 2), sizes=(5,), max_positions=33)
+    assert rows[-1]["parameters"] == count_parameters(pca_compact_student(subset_layers(teacher, [0, 2]), 5,
+                                                                          max_positions=33))
+    # the docstring's closed form for all-MiniLM-L6-v2 (V 30522, H 384, I 1536) with layers {0, 5}
+    minilm = dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_layers=2)
+    for d, positions in ((96, 512), (126, 64), (127, 64), (3, 7)):
+        assert bert_parameter_count(embedding_dim=d, max_position_embeddings=positions, **minilm) == \
+            30906 * d + 384 * positions + 3_550_848
+    assert bert_parameter_count(embedding_dim=126, max_position_embeddings=64, **minilm) == 7_469_580 <= 7_500_000
+    assert bert_parameter_count(embedding_dim=127, max_position_embeddings=64, **minilm) > 7_500_000
+
+
+def test_trimmed_pca_student_export_round_trip(teacher, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    student = pca_compact_student(subset_layers(Encoder.load(teacher.name, max_length=10), [2, 0]), 6,
+                                  max_positions=10).eval()
+    student.save(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["max_position_embeddings"] == 10 and config["embedding_dim"] == 6
+    assert json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())["model_max_length"] == 10
+    tensors = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert tuple(tensors["embeddings.position_embeddings.weight"].shape) == (10, teacher.dim)
+    sentences = SENTS + [" ".join(["the dog runs"] * 6)]
+    expected = student.encode(sentences)
+    reloaded = Encoder.load(str(tmp_path / "out"))
+    assert isinstance(reloaded.model, CompactBertModel) and reloaded.max_length == 10
+    torch.testing.assert_close(reloaded.encode(sentences), expected, atol=1e-6, rtol=1e-6)
+    st = SentenceTransformer(str(tmp_path / "out"), trust_remote_code=True, device="cpu")
+    assert st.max_seq_length == 10
+    torch.testing.assert_close(st.encode(sentences, convert_to_tensor=True).cpu(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_student_from_config(teacher, tmp_path):
+    vocab = teacher.config.vocab_size
+    table = random_table(vocab, 4)
+    folder = write_table_folder(tmp_path / "table", table, teacher.tokenizer)
+
+    def build(**values):
+        cfg = TrainConfig.from_dict({"student_layers": "0,2", "max_length": 16, **values})
+        return compact_student_from_config(subset_layers(Encoder.load(teacher.name, max_length=16), [0, 2]), teacher, cfg)
+
+    from_table = build(compact_embeddings=str(folder))
+    assert torch.equal(from_table.model.embeddings.word_embeddings.table.weight, table)
+    assert from_table.config.max_position_embeddings == teacher.config.max_position_embeddings
+    e = teacher.model.embeddings.word_embeddings.weight
+    pca_folder_width = build(compact_embeddings=str(folder), compact_init="pca", compact_max_positions=20)
+    torch.testing.assert_close(pca_folder_width.model.embeddings.word_embeddings.table.weight, pca_table(e, 4))
+    assert pca_folder_width.config.max_position_embeddings == 20
+    pca = build(compact_init="pca", compact_dim=7, compact_max_positions=16)
+    assert pca.model.embeddings.word_embeddings.table.weight.shape == (vocab, 7)
+    expected = pca_compact_student(subset_layers(Encoder.load(teacher.name, max_length=16), [0, 2]), 7, max_positions=16)
+    for key, value in expected.model.state_dict().items():
+        torch.testing.assert_close(pca.model.state_dict()[key], value, msg=key)
+    with pytest.raises(ConfigError, match=r"compact_dim must be in 1\.\.32"):
+        build(compact_init="pca", compact_dim=33)
+    with pytest.raises(ConfigError, match=r"compact_max_positions must be in 16\.\.64"):
+        build(compact_init="pca", compact_dim=3, compact_max_positions=65)
+    with pytest.raises(ConfigError, match="compact_embeddings: .*another vocabulary"):
+        build(compact_embeddings=str(write_table_folder(tmp_path / "wrong", random_table(vocab + 1, 4))))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"compact_init": "pca"}, "compact_init pca needs student_layers"),
+    ({"compact_init": "pca", "student_layers": "0"}, "compact_init pca needs compact_dim"),
+    ({"compact_init": "svd", "student_layers": "0", "compact_dim": 4}, "compact_init must be table or pca"),
+    ({"compact_init": "table", "student_layers": "0"}, "compact_init table needs a compact_embeddings folder"),
+    ({"compact_embeddings": "x", "student_layers": "0", "compact_dim": 4}, "compact_dim is the width of the pca"),
+    ({"compact_init": "pca", "student_layers": "0", "compact_dim": 0}, "compact_dim must be a positive integer"),
+    ({"student_layers": "0", "compact_max_positions": 128}, "compact_max_positions trims the compact student"),
+    ({"compact_init": "pca", "student_layers": "0", "compact_dim": 4, "compact_max_positions": 64, "max_length": 65},
+     "compact_max_positions 64 is below max_length 65"),
+    ({"compact_max_positions": "sixty"}, "compact_max_positions: expected an integer"),
+])
+def test_compact_option_errors_name_the_field(values, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(values)
+
+
+def _wired_build_student_encoder():
+    """``ibkd.distill.inputs.build_student_encoder`` when it builds the compact student through
+    :func:`compact_student_from_config`; until then, the same function with that wiring (the test then
+    checks the trainer with it)."""
+    import inspect
+
+    from ibkd.distill import inputs
+    from ibkd.distill.models import build_student
+
+    if "compact_student_from_config" in inspect.getsource(inputs):
+        return None
+
+    def build_student_encoder(cfg, teacher):
+        student = build_student(teacher, layers=cfg.student_layers, pooling=cfg.pooling, normalize=cfg.normalize,
+                                max_length=cfg.max_length, seed=cfg.seed)
+        if cfg.compact_embeddings or cfg.compact_init == "pca":
+            student = compact_student_from_config(student, teacher, cfg)
+        return student
+    return build_student_encoder
+
+
+def test_distill_with_the_pca_start_and_trimmed_positions(tiny, tmp_path, monkeypatch):
+    import ibkd.distill.trainer as trainer_module
+
+    wired = _wired_build_student_encoder()
+    if wired is not None:
+        monkeypatch.setattr(trainer_module, "build_student_encoder", wired)
+    teacher = Encoder.load(tiny)
+    lines = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(2 + i % 5)) for i in range(24)]
+    (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
+    sts = _sts_file(tmp_path / "sts.csv")
+    cfg = TrainConfig.from_dict(dict(
+        teacher=tiny, student_layers="0,2", compact_init="pca", compact_dim=5, compact_max_positions=16,
+        corpus=str(tmp_path / "corpus.txt"), per_device_train_batch_size=8, max_length=16, max_steps=2, eval_steps=2,
+        save_steps=2, dev=sts, test=sts, progress=False, plot=False, num_threads=1, seed=3,
+        output_dir=str(tmp_path / "out")))
+    summary = run(cfg)
+    assert summary["steps"] == 2 and "test_spearman" in summary
+    loaded = Encoder.load(summary["student"])
+    assert isinstance(loaded.model, CompactBertModel) and loaded.config.max_position_embeddings == 16
+    table = loaded.model.embeddings.word_embeddings.table.weight
+    start = pca_table(teacher.model.embeddings.word_embeddings.weight, 5)
+    assert table.shape == start.shape and not torch.equal(table, start)  # started at the PCA table, then trained
+    assert count_parameters(loaded) == bert_parameter_count(
+        vocab_size=teacher.config.vocab_size, hidden_size=teacher.dim, intermediate_size=teacher.config.intermediate_size,
+        num_layers=2, max_position_embeddings=16, embedding_dim=5)

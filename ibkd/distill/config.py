@@ -111,7 +111,9 @@ _VALUE_RULES = {
     **dict.fromkeys(("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
                      "logging_steps", "teacher_batch_size", "per_device_eval_batch_size", "beta_calibration_steps",
                      "max_steps", "corpus_limit", "pca_dim", "projection_dim", "eval_steps", "save_total_limit",
-                     "grad_cache_chunk", "num_threads"), (lambda v: _is_int(v) and v > 0, "a positive integer")),
+                     "grad_cache_chunk", "num_threads", "compact_dim", "compact_max_positions"),
+                    (lambda v: _is_int(v) and v > 0, "a positive integer")),
+    "compact_init": (lambda v: v in ("table", "pca"), "table or pca"),
     **dict.fromkeys(("learning_rate", "num_train_epochs", "beta_target_ratio", "temperature", "max_grad_norm"),
                     (lambda v: _is_number(v) and v > 0, "a positive number")),
     **dict.fromkeys(("weight_decay", "step_delay_s"), (lambda v: _is_number(v) and v >= 0, "a number >= 0")),
@@ -157,6 +159,13 @@ class TrainConfig:
                                        parse=parse_mapping)
     compact_embeddings: Optional[str] = _f(None, "folder of a small word-embedding table (ibkd compress-"
                                                  "embeddings): a factorized student")
+    compact_init: Optional[str] = _f(None, "start of the compact student's table: table (the compact_embeddings "
+                                           "folder's) or pca (the teacher's word embeddings on their top "
+                                           "compact_dim principal directions; no folder needed); default: table")
+    compact_dim: Optional[int] = _f(None, "compact_init pca: width d of the table (default: the width of the "
+                                          "compact_embeddings folder's table)")
+    compact_max_positions: Optional[int] = _f(None, "keep only the first N position embeddings of the compact "
+                                                    "student (N >= max_length; default: all of the teacher's)")
     pooling: Optional[str] = _f(None, "pooling of the student (mean, cls); default: the model's own")
     normalize: Optional[bool] = _f(None, "L2-normalise the student's output (default: the model's own)")
     max_length: int = _f(128, "maximum tokens per sentence (at most the model's position embeddings)")
@@ -308,6 +317,23 @@ class TrainConfig:
             need(self.student_layers not in (None, "") and not self.student and not self.fresh_student,
                  "compact_embeddings needs student_layers (the teacher layers the compact student keeps), "
                  "not student or fresh_student")
+        compact = bool(self.compact_embeddings) or self.compact_init == "pca"
+        if self.compact_init == "pca":
+            need(self.student_layers not in (None, "") and not self.student and not self.fresh_student,
+                 "compact_init pca needs student_layers (the teacher layers the compact student keeps), "
+                 "not student or fresh_student")
+            need(self.compact_embeddings or self.compact_dim is not None,
+                 "compact_init pca needs compact_dim (or a compact_embeddings folder whose table width it takes)")
+        need(self.compact_init != "table" or self.compact_embeddings,
+             "compact_init table needs a compact_embeddings folder")
+        need(self.compact_dim is None or self.compact_init == "pca",
+             "compact_dim is the width of the pca table: give it with compact_init pca")
+        if self.compact_max_positions is not None:
+            need(compact, "compact_max_positions trims the compact student: it needs compact_embeddings or "
+                          "compact_init pca")
+            need(self.compact_max_positions >= self.max_length,
+                 f"compact_max_positions {self.compact_max_positions} is below max_length {self.max_length}: "
+                 "later tokens would have no position embedding")
         if self.allow_config_change is not None:
             names = self.allow_config_change
             need(isinstance(names, list), f"allow_config_change must be a list of field names, got {names!r}")
