@@ -467,6 +467,21 @@ def test_compact_student_waits_for_its_table(workspace, monkeypatch):
     assert status["compact-ibkd"] == ("skipped", "needs compact-table, which did not finish")
 
 
+def test_compact_student_from_the_pca_table_needs_no_table_row(workspace):
+    root, spec = workspace
+    pca = json.loads(json.dumps(spec))
+    pca["output_dir"] = str(root / "pca-out")
+    pca["compact"] = {"enabled": True, "distill": {"compact_init": "pca", "compact_dim": 8, "compact_max_positions": 16}}
+    code, _, err = cli(["--config", write_config(root, pca, "pca.yaml"), "--rows", "compact",
+                        "--results", str(root / "pca.json"), "--readme", "none", "--no-progress"])
+    assert code == 0, err
+    rows = {r["name"]: r for r in json.loads((root / "pca.json").read_text())["rows"]}
+    assert "compact-table" not in rows and rows["compact-ibkd"]["status"] == "done"
+    full = next(r for r in rows.values() if r["group"] == "sweep" and r["status"] == "done")
+    # the factorized table (V x 8 + up-projection) and 16 positions instead of the tiny teacher's own
+    assert rows["compact-ibkd"]["parameters"] < full["parameters"] and rows["compact-ibkd"]["d_small"] == 8
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_committed_config_builds_every_row(tmp_path, quick):
     # every TrainConfig of the real plan is valid (no shared data read: STS paths are stand-ins)

@@ -29,20 +29,6 @@ def load_teacher(cfg: TrainConfig) -> Optional[Encoder]:
     return Encoder.load(spec, max_length=cfg.max_length)
 
 
-def _compact_student(student: Encoder, teacher: Encoder, folder: str) -> Encoder:
-    """The layer-subset ``student`` with its word embeddings factorized through the table in ``folder``
-    (up-projection fitted by least squares; :mod:`ibkd.distill.compact`)."""
-    from .compact import factorize_student, load_compact_table
-
-    try:
-        table, meta = load_compact_table(folder, teacher.tokenizer, vocab_size=teacher.config.vocab_size)
-    except (FileNotFoundError, ValueError) as exc:  # DataError is a ValueError too
-        raise ConfigError(f"compact_embeddings: {exc}") from None
-    log.info("compact student: %d x %d table from %s (%s)", table.shape[0], table.shape[1], folder,
-             meta.get("method", "unknown method"))
-    return factorize_student(student, table, up_init="lstsq")
-
-
 def build_student_encoder(cfg: TrainConfig, teacher: Optional[Encoder]) -> Encoder:
     try:
         student = build_student(teacher, student=cfg.resolve_path(cfg.student, "student") if cfg.student else None,
@@ -50,8 +36,11 @@ def build_student_encoder(cfg: TrainConfig, teacher: Optional[Encoder]) -> Encod
                                 normalize=cfg.normalize, max_length=cfg.max_length, seed=cfg.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    if cfg.compact_embeddings:
-        student = _compact_student(student, teacher, cfg.resolve_path(cfg.compact_embeddings, "compact_embeddings"))
+    if cfg.compact_embeddings or cfg.compact_init == "pca":
+        # the layer-subset student with its word embeddings factorized (a small table + up-projection)
+        from .compact import compact_student_from_config
+
+        student = compact_student_from_config(student, teacher, cfg)
     return student
 
 

@@ -92,11 +92,17 @@ def targets(summary: list[dict], spec: dict, study: Optional[dict] = None) -> di
     def stat(name, split="test", key="mean"):
         return ((by.get(name) or {}).get(f"{split}_spearman") or {}).get(key)
 
-    teacher, ibkd, final = stat("teacher"), stat("ibkd"), stat("finetune")
-    best_final = final if final is not None else ibkd
+    teacher, ibkd = stat("teacher"), stat("ibkd")
+    # the final 2-layer student: with stage 2 only when stage 2 helped on dev (3-seed means)
+    with_stage2 = stat("finetune", "dev") is not None and stat("ibkd", "dev") is not None \
+        and stat("finetune", "dev") > stat("ibkd", "dev")
+    final_row = "finetune" if with_stage2 else "ibkd"
+    best_final = stat(final_row)
     out = {"teacher_fraction": t["teacher_fraction"], "over_mse": t["over_mse"], "teacher_test": teacher,
            "ibkd_test_mean": ibkd, "ibkd_test_std": stat("ibkd", key="std"), "final_test_mean": best_final,
-           "final_row": "finetune" if final is not None else "ibkd", "mse_test_mean": stat("mse"),
+           "final_row": final_row, "final_dev_mean": stat(final_row, "dev"),
+           "stage2_minus_stage1_dev": (stat("finetune", "dev") - stat("ibkd", "dev")) if stat("finetune", "dev") is not None
+           and stat("ibkd", "dev") is not None else None, "mse_test_mean": stat("mse"),
            "st_mse_test_mean": stat("st_mse"), "note": "reported against, never tuned on the test split"}
     if teacher is not None and best_final is not None:
         out["final_over_teacher"] = best_final / teacher

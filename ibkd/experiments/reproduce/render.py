@@ -108,10 +108,13 @@ def render_targets(t: dict) -> list[str]:
     """One line per target with the numbers and met / not met."""
     out = []
     if "final_over_teacher" in t:
-        which = "IBKD + stage 2" if t.get("final_row") == "finetune" else "IBKD"
-        out.append(f"- 2-layer student ({which}) test {_f(t['final_test_mean'])} = {100 * t['final_over_teacher']:.1f}% "
-                   f"of the teacher's {_f(t['teacher_test'])} (target ≥ {100 * t['teacher_fraction']:.0f}%): "
-                   f"{_verdict(t['teacher_fraction_met'])}.")
+        which = "IBKD + stage 2" if t.get("final_row") == "finetune" else "IBKD, stage 1"
+        why = ""
+        if t.get("stage2_minus_stage1_dev") is not None:
+            why = f"; stage 2 {'kept' if t['final_row'] == 'finetune' else 'left out'}: {t['stage2_minus_stage1_dev']:+.2f} on dev"
+        out.append(f"- 2-layer student ({which}{why}) test {_f(t['final_test_mean'])} = "
+                   f"{100 * t['final_over_teacher']:.1f}% of the teacher's {_f(t['teacher_test'])} (target ≥ "
+                   f"{100 * t['teacher_fraction']:.0f}%): {_verdict(t['teacher_fraction_met'])}.")
     for peer, name in (("st_mse", "sentence-transformers' MSE recipe"), ("mse", "ibkd's MSE")):
         if f"ibkd_minus_{peer}" in t:
             out.append(f"- IBKD (stage 1) − {name} on test, 3-seed means: {t[f'ibkd_minus_{peer}']:+.2f} points "

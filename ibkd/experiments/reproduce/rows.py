@@ -165,6 +165,13 @@ def phase_two_rows(ctx: Context, chosen: Row, chosen_student: str) -> list[Row]:
         rows.append(row)
     compact = spec.get("compact") or {}
     if compact.get("enabled", True):
+        overrides = dict(compact.get("distill") or {})
+        if overrides.get("compact_init") == "pca":  # the table is the teacher's own, projected: no table row
+            student = distill_row(ctx, "compact-ibkd", "compact", "ibkd", seeds[0], setting, extra_train=overrides,
+                                  hash_extra=parent)
+            student.info["d_small"] = overrides.get("compact_dim")
+            rows.append(student)
+            return rows
         table_cfg = dict(compact.get("table") or {})
         max_length = spec["common"].get("max_length", TrainConfig.max_length)
         table = Row("compact-table", "compact", "table", seeds[0], {},
@@ -173,7 +180,7 @@ def phase_two_rows(ctx: Context, chosen: Row, chosen_student: str) -> list[Row]:
                      "teacher": spec["common"]["teacher"], "max_length": max_length}, str(ctx.output))
         rows.append(table)
         student = distill_row(ctx, "compact-ibkd", "compact", "ibkd", seeds[0], setting,
-                              extra_train={**(compact.get("distill") or {}),
+                              extra_train={**overrides,
                                            "compact_embeddings": str(ctx.output / "compact-table" / "table")},
                               hash_extra={**parent, "table_hash": table.config_hash()})
         student.info["d_small"] = table_cfg["d_small"]

@@ -158,10 +158,11 @@ def validate_spec(spec: dict, where: str = "config") -> None:
     spec["auto"] = train_section(f"{where}: auto", spec.get("auto") or {"beta": "auto"}, reserved=RESERVED)
     compact = _check_keys(f"{where}: compact", spec.get("compact") or {}, COMPACT_KEYS)
     if compact.get("enabled", True):
-        table = compact.get("table") or {}
-        _need(isinstance(table, dict) and isinstance(table.get("d_small"), int) and table["d_small"] > 0,
-              f"{where}: compact.table.d_small must be a positive int")
         compact["distill"] = train_section(f"{where}: compact.distill", compact.get("distill"), reserved=RESERVED)
+        if compact["distill"].get("compact_init") != "pca":  # the distilled table is trained by its own row
+            table = compact.get("table") or {}
+            _need(isinstance(table, dict) and isinstance(table.get("d_small"), int) and table["d_small"] > 0,
+                  f"{where}: compact.table.d_small must be a positive int (or compact.distill.compact_init: pca)")
     emb = _check_keys(f"{where}: embedding_comparison", spec.get("embedding_comparison") or {}, EMBEDDING_KEYS)
     for key in ("sizes", "seeds"):
         if key in emb:
