@@ -340,12 +340,13 @@ def test_rows_option_runs_only_the_requested_groups(workspace, monkeypatch):
 def test_quick_section_is_merged_over_the_config(tmp_path):
     spec = reproduce.load_spec(reproduce.DEFAULT_CONFIG, quick=True)  # the shipped config, by name
     assert spec["quick"] and spec["common"]["max_steps"] == 3 and spec["common"]["teacher"] == "default"
-    assert [s["name"] for s in spec["sweep"]["settings"]] == ["unit-g1-b0.2", "unit-g1-b200"]
+    assert [s["name"] for s in spec["sweep"]["settings"]] == ["unit-g1-b50", "unit-g1-b200"]
     assert spec["sts_limit"] == 200 and spec["output_dir"] == "runs/reproduce-minilm-quick"
     # an installed copy writes nowhere but the output folder: no README, no results path of the checkout
     assert not spec.get("readme") and not spec.get("results")
     full = reproduce.load_spec(reproduce.config_path())
-    assert full["common"]["max_steps"] == 40 and len(full["sweep"]["settings"]) == 7 and not full["quick"]
+    assert full["common"]["max_steps"] == 150 and len(full["sweep"]["settings"]) == 3 and not full["quick"]
+    assert full["common"]["amp"] == "bf16" and full["compact"]["distill"]["compact_init"] == "pca"
     assert full["common"]["per_device_train_batch_size"] == 256 and "batch_size" not in full["common"]
 
 
@@ -497,9 +498,11 @@ def test_committed_config_builds_every_row(tmp_path, quick):
     seeds = spec["seeds"]
     assert len(names) == len(set(names))
     assert sum(r.group == "mse" for r in first) == len(seeds) and sum(r.group == "ibkd" for r in second) == len(seeds) - 1
-    steps = {r.train["max_steps"] for r in first + second if r.kind == "train" and r.train.get("stage") == "distill"
-             and r.group != "none"}
-    assert steps == {3 if quick else 40}  # one step count for every stage-1 row
+    steps = {r.train["max_steps"] for r in first + second if r.kind in ("train", "st_mse")
+             and r.train.get("stage") == "distill" and r.group != "none"}
+    assert steps == {3 if quick else 150}  # one step count for every stage-1 row, peers included
+    amp = {r.train.get("amp") for r in first + second if r.kind in ("train", "st_mse") and r.train.get("stage") == "distill"}
+    assert amp == {"bf16"}  # one precision too
 
 
 def test_wired_into_the_ibkd_command(reproduced, capsys):
