@@ -149,3 +149,18 @@ def test_resolved_config_round_trip(tmp_path):
     (tmp_path / CONFIG_FILE).write_text("- a list\n")
     with pytest.raises(ConfigError, match="a config must be a mapping"):
         load_saved_config(tmp_path)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_said_not_refused(monkeypatch, caplog):
+    from ibkd.distill import preflight as pre
+
+    monkeypatch.setattr(pre, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="ibkd.distill"):
+        pre.check_amp("bf16", "cpu")
+    assert "slower than --amp off" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(pre, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="ibkd.distill"):
+        pre.check_amp("bf16", "cpu")
+        pre.check_amp("off", "cpu")
+    assert caplog.text == ""

@@ -4,10 +4,31 @@ file) and the ones that need the loaded teacher (its layers, its position embedd
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
 from .config import DATA_DIR_ENV, DEVICE_PATTERN, ConfigError, TrainConfig
+
+log = logging.getLogger("ibkd.distill")
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX), as oneDNN reports it."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_amp(amp: str, device: str) -> None:
+    """bf16 autocast on a CPU without native bf16 is emulated and runs slower than fp32: said, not refused
+    (the result is the same, only the speed differs)."""
+    if amp == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+        log.warning("--amp bf16 on a CPU without native bf16 (AVX512-BF16/AMX): expect it to be slower than "
+                    "--amp off here")
 
 
 def check_device(device: str, flag: str = "--device") -> None:
@@ -72,6 +93,7 @@ def preflight(cfg: TrainConfig, fields: Optional[list] = None) -> dict:
     failure is one ConfigError naming the file and the flag (dev/test: and ``--no_eval``)."""
     check_device(cfg.device)
     check_report_to(cfg.report_to)
+    check_amp(cfg.amp, resolve_device(cfg.device))
     found = {}
     for name in (input_fields(cfg) if fields is None else fields):
         value = getattr(cfg, name)
