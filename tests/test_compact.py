@@ -502,33 +502,8 @@ def test_compact_option_errors_name_the_field(values, message):
         TrainConfig.from_dict(values)
 
 
-def _wired_build_student_encoder():
-    """``ibkd.distill.inputs.build_student_encoder`` when it builds the compact student through
-    :func:`compact_student_from_config`; until then, the same function with that wiring (the test then
-    checks the trainer with it)."""
-    import inspect
-
-    from ibkd.distill import inputs
-    from ibkd.distill.models import build_student
-
-    if "compact_student_from_config" in inspect.getsource(inputs):
-        return None
-
-    def build_student_encoder(cfg, teacher):
-        student = build_student(teacher, layers=cfg.student_layers, pooling=cfg.pooling, normalize=cfg.normalize,
-                                max_length=cfg.max_length, seed=cfg.seed)
-        if cfg.compact_embeddings or cfg.compact_init == "pca":
-            student = compact_student_from_config(student, teacher, cfg)
-        return student
-    return build_student_encoder
-
-
-def test_distill_with_the_pca_start_and_trimmed_positions(tiny, tmp_path, monkeypatch):
-    import ibkd.distill.trainer as trainer_module
-
-    wired = _wired_build_student_encoder()
-    if wired is not None:
-        monkeypatch.setattr(trainer_module, "build_student_encoder", wired)
+def test_distill_with_the_pca_start_and_trimmed_positions(tiny, tmp_path):
+    """compact_init pca needs no table folder; the trimmed student trains, checkpoints and exports."""
     teacher = Encoder.load(tiny)
     lines = [" ".join(WORDS[(i * 7 + j * 3) % len(WORDS)] for j in range(2 + i % 5)) for i in range(24)]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import numbers
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -124,8 +125,9 @@ def pca_table(embedding_matrix: torch.Tensor, d_small: int) -> torch.Tensor:
     directions ``V_d`` (float64 SVD; float32 result). Its least-squares up-projection
     (:func:`lstsq_up_projection`) is ``W = V_d^T``, ``b = mean``: the factorization then reproduces the best
     rank-``d_small`` approximation of E around its mean."""
-    if isinstance(d_small, bool) or not isinstance(d_small, int):
+    if isinstance(d_small, bool) or not isinstance(d_small, numbers.Integral):
         raise ValueError(f"d_small must be an int, got {d_small!r}")
+    d_small = int(d_small)
     if embedding_matrix.dim() != 2 or not 1 <= d_small <= min(embedding_matrix.shape):
         raise ValueError(f"d_small must be in 1..{min(embedding_matrix.shape)} for a matrix of shape "
                          f"{tuple(embedding_matrix.shape)}, got {d_small}")
