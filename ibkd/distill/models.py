@@ -83,6 +83,17 @@ def _read_st_pooling(path: str) -> tuple[Optional[str], Optional[bool], Optional
     return mode, normalize, max_length
 
 
+def _default_max_length(st_len: Optional[int], tokenizer, config) -> int:
+    """The length a folder was saved for: its sentence-transformers config, else its tokenizer's
+    ``model_max_length`` (sentence-transformers 6 keeps ``max_seq_length`` there), else 128; never past the
+    model's position embeddings."""
+    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    tok_len = getattr(tokenizer, "model_max_length", None)
+    if not st_len and isinstance(tok_len, int) and 0 < tok_len < 1_000_000:  # no limit is a huge sentinel
+        st_len = tok_len
+    return min(st_len or 128, positions)
+
+
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str = "mean") -> torch.Tensor:
     """Pool token states (B, L, D) into sentence vectors (B, D): the masked mean, or the first token."""
     if mode == "cls":
@@ -152,7 +163,7 @@ class Encoder(nn.Module):
             tokenizer,
             pooling=pooling or st_mode or "mean",
             normalize=st_norm if normalize is None and st_norm is not None else bool(normalize),
-            max_length=int(max_length or min(st_len or 128, 512)),
+            max_length=int(max_length or _default_max_length(st_len, tokenizer, model.config)),
             name=str(spec if spec is not None else DEFAULT_TEACHER),
         )
 

@@ -205,7 +205,7 @@ def run_model2vec_row(row: Row, ctx: Context, folder: Path) -> dict:
     """Model2Vec's ``distill`` of the teacher (static embeddings), scored like every row."""
     from .model2vec_peer import run_model2vec_row as distill_and_score
 
-    out = distill_and_score(row, ctx, folder)
+    out = distill_and_score(row, ctx, folder, teacher=teacher_spec(ctx), evaluate=evaluate_encoder)
     set_threads(ctx.num_threads)
     return out
 
