@@ -21,23 +21,31 @@ tokenisation of the batch (the data collator's job, the same for both losses) an
 (``$IBKD_DATA_DIR/wiki/wiki_sentences.txt``, default /work/shared/data), the first B lines, cycled when
 B exceeds its 11,914 lines.
 
-Protocol (as ``protocol.py`` for the kernels): both losses in the same process, warmed up once, then
-interleaved rounds with the order rotating (reference, cpu; cpu, reference; ...); median over rounds.
-Besides the step, the loss alone (IBKDLoss forward + backward on (B, 384) tensors, same autocast) is
-timed in the same rounds, to show its share of the step. The GEMM ceiling of the machine is measured
-at the start and the end of the session (``protocol.worker_ceiling`` in a fresh process); if it moved
-by more than 20 % the results are written to ``...-noisy.json`` and must not be published.
-Memory: one fresh process per (B, dtype, loss): setup, one full warm-up step (AdamW's state and the
-one-time allocations exist afterwards), ``malloc_trim``, peak RSS reset (``/proc/self/clear_refs`` =
-5), one step; reported: the peak RSS of the step (``VmHWM``, the training process's real footprint)
-and the extra over the RSS just before it.
+Protocol (as ``protocol.py`` for the kernels): one fresh process per (B, dtype) times both losses:
+it builds both, warms each up once, then runs interleaved rounds with the order rotating (reference,
+cpu; cpu, reference; ...); median over rounds. Besides the step, the loss alone (IBKDLoss forward +
+backward on (B, 384) tensors, same autocast) is timed in the same rounds, to show its share of the
+step. The GEMM ceiling of the machine is measured at the start and the end of the session
+(``protocol.worker_ceiling`` in a fresh process); if it moved by more than 20 % the results are
+written to ``...-noisy.json`` and must not be published.
+Memory: one fresh process per (B, dtype, loss), started after the timing process has exited: setup,
+one full warm-up step (AdamW's state and the one-time allocations exist afterwards), ``malloc_trim``,
+peak RSS reset (``/proc/self/clear_refs`` = 5), one step; reported: the peak RSS of the step
+(``VmHWM``, the training process's real footprint) and the extra over the RSS just before it.
+
+The pytest process only orchestrates: the student folder and the teacher vectors are written by a
+preparation process, and it never builds a model, so at any moment the machine holds one case's
+process (timing or memory) next to a pytest process of ~0.5 GB. (Before, the pytest process timed
+every case itself and stayed at its ~1.7-2.4 GB high-water mark while each memory process ran on top of
+it, and it kept every case's models: see ``train_step_memory.md``.) Every case records
+``harness_peak``: the peak RSS (``VmHWM``) of each of its processes, so a full run shows what it held.
 
 Environment switches:
 
 * ``IBKD_BENCH_TRAIN_FULL=1``   the issue's sizes, B ∈ {4096, 16384}; results in
   ``results/train-step-<machine>.json``. Without it: a smoke run at B = 512, results in
   ``results/quick/`` (not committed). On 2 cores a B = 16384 step takes minutes: the full run is
-  ~1.5 h (rounds and memory processes included); run it on a quiet machine only.
+  ~1.5-2 h (rounds and memory processes included); run it on a quiet machine only.
 * ``IBKD_BENCH_TRAIN_BATCH=a,b``  batch sizes (overrides the above; the results file stays where
   FULL says).
 * ``IBKD_BENCH_TRAIN_DTYPES``     default ``float32,bfloat16``.
@@ -74,7 +82,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
-from memory import measure_call_peak  # noqa: E402
+from memory import _status_kib, measure_call_peak  # noqa: E402
 
 
 def _env_list(name: str, default: list) -> list:
@@ -187,7 +195,57 @@ def make_loss_step(teacher: torch.Tensor, backend: str, dtype: str):
     return step
 
 
-# --------------------------------------------------------------------------------- memory child
+# ------------------------------------------------------------------------------ child processes
+
+
+def _vmhwm_bytes() -> int:
+    return _status_kib("VmHWM") * 1024
+
+
+def prepare_child(spec: dict) -> dict:
+    """In a fresh process: the student folder and the teacher vectors of every batch size."""
+    torch.set_num_threads(spec["threads"])
+    student_dir = os.path.join(spec["workdir"], "student")
+    write_student(student_dir)
+    teachers = {}
+    for batch in spec["batches"]:
+        teachers[str(batch)] = os.path.join(spec["workdir"], f"teacher-{batch}.pt")
+        torch.save(teacher_vectors(wiki_sentences(batch)), teachers[str(batch)])
+    return {"student_dir": student_dir, "teachers": teachers, "process_peak_bytes": _vmhwm_bytes()}
+
+
+def timing_child(spec: dict) -> dict:
+    """In a fresh process: both losses' steps for one (B, dtype), warmed up, then interleaved rounds."""
+    torch.set_num_threads(spec["threads"])
+    teacher = torch.load(spec["teacher_path"])
+    sentences = wiki_sentences(teacher.shape[0])
+    dtype = spec["dtype"]
+    peers = {}
+    for backend in LOSS_BACKENDS:
+        step, token_shape = make_train_step(spec["student_dir"], sentences, teacher, backend, dtype)
+        loss_step = make_loss_step(teacher, backend, dtype)
+        t0 = time.perf_counter()
+        first_loss = step()
+        first = time.perf_counter() - t0
+        loss_step()
+        peers[backend] = {"step": step, "loss_step": loss_step, "first_call_s": first, "first_loss": first_loss,
+                          "times_s": [], "loss_times_s": [], "order": []}
+        gc.collect()
+    names = list(peers)
+    for r in range(spec["rounds"]):  # every peer once, the order rotating from round to round
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            p = peers[name]
+            gc.collect()
+            t0 = time.perf_counter()
+            p["step"]()
+            p["times_s"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            p["loss_step"]()
+            p["loss_times_s"].append(time.perf_counter() - t0)
+            p["order"].append(order.index(name))
+    return {"tokens_per_sentence": int(token_shape[1]), "process_peak_bytes": _vmhwm_bytes(),
+            "peers": {name: {k: v for k, v in p.items() if k not in ("step", "loss_step")} for name, p in peers.items()}}
 
 
 def memory_child(spec: dict) -> dict:
@@ -197,18 +255,25 @@ def memory_child(spec: dict) -> dict:
     sentences = wiki_sentences(teacher.shape[0])
     step, _ = make_train_step(spec["student_dir"], sentences, teacher, spec["backend"], spec["dtype"])
     step()  # AdamW's state, thread pools, one-time allocations
-    return {**measure_call_peak(step),
+    warmup_peak = _vmhwm_bytes()  # setup + the warm-up step: the process's high-water mark before the reset
+    return {**measure_call_peak(step), "warmup_peak_bytes": warmup_peak,
             "method": "fresh process; warm-up step, malloc_trim, clear_refs=5; VmHWM of one step (extra: - VmRSS before)"}
 
 
-def spawn_memory(spec: dict) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+CHILDREN = {"prepare": prepare_child, "time": timing_child, "memory": memory_child}
+
+
+def spawn(kind: str, spec: dict) -> dict:
+    """Runs ``CHILDREN[kind](spec)`` in a fresh interpreter (exec, nothing inherited but the environment)."""
+    env = dict(os.environ)
+    if "threads" in spec:
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--" + kind, json.dumps(spec)],
                           capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, env=env, cwd=ROOT)
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {"error": f"memory process exited with {proc.returncode}: {' | '.join(tail)}"}
+        return {"error": f"{kind} process exited with {proc.returncode}: {' | '.join(tail)}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -288,20 +353,9 @@ def run():
 @pytest.fixture(scope="module")
 def workdir():
     with tempfile.TemporaryDirectory(prefix="ibkd-train-step-") as d:
-        write_student(os.path.join(d, "student"))
-        yield d
-
-
-_TEACHER: dict[int, str] = {}
-
-
-def teacher_file(workdir: str, batch: int) -> str:
-    """The teacher vectors of the first ``batch`` sentences, computed once per batch size."""
-    if batch not in _TEACHER:
-        path = os.path.join(workdir, f"teacher-{batch}.pt")
-        torch.save(teacher_vectors(wiki_sentences(batch)), path)
-        _TEACHER[batch] = path
-    return _TEACHER[batch]
+        out = spawn("prepare", {"workdir": d, "batches": BATCHES, "threads": torch.get_num_threads()})
+        assert "error" not in out, out
+        yield out
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -314,59 +368,38 @@ def test_train_step(benchmark, run, workdir, batch, dtype):
         pytest.skip(f"the cpu backend is unavailable: {reason}")
     benchmark.group = f"train-step-{dtype}-B{batch}"
     threads = torch.get_num_threads()
-    student_dir = os.path.join(workdir, "student")
-    teacher_path = teacher_file(workdir, batch)
-    teacher = torch.load(teacher_path)
-    sentences = wiki_sentences(batch)
+    base = {"threads": threads, "student_dir": workdir["student_dir"], "teacher_path": workdir["teachers"][str(batch)],
+            "dtype": dtype}
+    timed = []
 
-    peers = {}
-    for backend in LOSS_BACKENDS:
-        step, token_shape = make_train_step(student_dir, sentences, teacher, backend, dtype)
-        loss_step = make_loss_step(teacher, backend, dtype)
-        t0 = time.perf_counter()
-        first_loss = step()
-        first = time.perf_counter() - t0
-        loss_step()
-        peers[backend] = {"step": step, "loss_step": loss_step, "first_call_s": first, "first_loss": first_loss,
-                          "times_s": [], "loss_times_s": [], "order": []}
-        gc.collect()
+    def timing_process():  # pytest-benchmark times the whole process (setup, warm-ups, all rounds)
+        timed.append(spawn("time", {**base, "rounds": ROUNDS}))
 
-    names = list(peers)
-    rounds_done = [0]
+    benchmark.pedantic(timing_process, rounds=1, iterations=1, warmup_rounds=0)
+    if not timed:  # --benchmark-disable may skip the target entirely
+        timing_process()
+    timing = timed[-1]
+    assert "error" not in timing, timing
 
-    def one_round():  # every peer once, the order rotating from round to round
-        r = rounds_done[0]
-        order = names[r % len(names):] + names[: r % len(names)]
-        for name in order:
-            p = peers[name]
-            gc.collect()
-            t0 = time.perf_counter()
-            p["step"]()
-            p["times_s"].append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            p["loss_step"]()
-            p["loss_times_s"].append(time.perf_counter() - t0)
-            p["order"].append(order.index(name))
-        rounds_done[0] += 1
-
-    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1, warmup_rounds=0)
-    if not rounds_done[0]:  # --benchmark-disable may skip the target entirely
-        one_round()
-
-    case = {"batch": batch, "dtype": dtype, "tokens_per_sentence": int(token_shape[1]), "threads": threads,
-            "measured_at": _now(), "load": bc.load_snapshot(), "peers": {}}
-    for name, p in peers.items():
+    case = {"batch": batch, "dtype": dtype, "tokens_per_sentence": timing["tokens_per_sentence"], "threads": threads,
+            "measured_at": _now(), "load": bc.load_snapshot(), "peers": {},
+            "harness_peak": {"timing_process_bytes": timing["process_peak_bytes"]}}
+    for name, p in timing["peers"].items():
         step_s = statistics.median(p["times_s"])
         loss_s = statistics.median(p["loss_times_s"])
         rec = {"median_s": step_s, "min_s": min(p["times_s"]), "max_s": max(p["times_s"]), "times_s": p["times_s"],
-               "first_call_s": p["first_call_s"], "sentences_per_s": batch / step_s,
+               "order": p["order"], "first_call_s": p["first_call_s"], "sentences_per_s": batch / step_s,
                "loss_only_median_s": loss_s, "loss_only_times_s": p["loss_times_s"], "loss_share": loss_s / step_s,
                "first_loss": p["first_loss"]}
-        if MEMORY:
-            rec["memory"] = spawn_memory({"threads": threads, "student_dir": student_dir, "teacher_path": teacher_path,
-                                          "backend": name, "dtype": dtype})
         case["peers"][name] = rec
         benchmark.extra_info[f"{name}_sentences_per_s"] = rec["sentences_per_s"]
+        benchmark.extra_info[f"{name}_median_step_s"] = step_s
+    if MEMORY:  # one (case, loss) at a time, after the timing process has exited
+        for name in LOSS_BACKENDS:
+            mem = spawn("memory", {**base, "backend": name})
+            case["peers"][name]["memory"] = mem
+            if "warmup_peak_bytes" in mem:
+                case["harness_peak"][f"memory_process_{name}_bytes"] = max(mem["warmup_peak_bytes"], mem["peak_bytes"])
     ref, fused = case["peers"]["reference"], case["peers"]["cpu"]
     case["cpu_vs_reference"] = {
         "step_time_ratio": fused["median_s"] / ref["median_s"],
@@ -379,7 +412,7 @@ def test_train_step(benchmark, run, workdir, batch, dtype):
     run.add(case)
     # Same seed, data and initial weights: the first step's loss must agree (bf16: the reference's
     # logits and HSIC statistics are bf16 under autocast, the fused kernels' are fp32)
-    first = {name: peers[name]["first_loss"] for name in LOSS_BACKENDS}
+    first = {name: case["peers"][name]["first_loss"] for name in LOSS_BACKENDS}
     tol = 2e-2 if dtype == "bfloat16" else 1e-4
     assert all(math.isfinite(v) for v in first.values()), first
     assert abs(first["cpu"] - first["reference"]) <= tol * max(1.0, abs(first["reference"])), first
@@ -388,7 +421,7 @@ def test_train_step(benchmark, run, workdir, batch, dtype):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--memory":
-        print(json.dumps(memory_child(json.loads(sys.argv[2]))))
+    if len(sys.argv) == 3 and sys.argv[1].startswith("--") and sys.argv[1][2:] in CHILDREN:
+        print(json.dumps(CHILDREN[sys.argv[1][2:]](json.loads(sys.argv[2]))))
     else:
-        sys.exit("usage: pytest benchmarks/test_bench_train_step.py (or --memory SPEC, used by the benchmark)")
+        sys.exit("usage: pytest benchmarks/test_bench_train_step.py (or --prepare/--time/--memory SPEC, used by the benchmark)")
