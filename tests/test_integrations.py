@@ -317,6 +317,31 @@ def test_cached_distillation_loss_equals_the_uncached_loss(tiny_bert, mini_batch
         torch.testing.assert_close(g_cached[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_cached_loss_frees_each_steps_embeddings(tiny_bert, monkeypatch):
+    # the replay hook lives on the cached embeddings' grad accumulators: if it held those embeddings, each step's
+    # (B, D) leaves and their gradients would stay alive for good (a cycle through autograd that gc cannot see)
+    import gc
+    import weakref
+
+    from ibkd.integrations.sentence_transformers import CachedIBKDDistillationLoss
+
+    hooked, real = [], torch.autograd.graph.register_multi_grad_hook
+
+    def spy(tensors, fn, **kwargs):
+        hooked.extend(weakref.ref(t) for t in tensors)
+        return real(tensors, fn, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.graph, "register_multi_grad_hook", spy)
+    sentences = SENTENCES[:8]
+    model = tiny_st_model(tiny_bert)
+    loss = CachedIBKDDistillationLoss(model, TEACHER_DIM, beta=0.7, mini_batch_size=3)
+    features, _, _ = _hf_reference(model, sentences, layer=0)
+    for _ in range(3):
+        _grads_after(loss, [features], teacher_vectors(sentences))
+    gc.collect()
+    assert len(hooked) == 6 and all(ref() is None for ref in hooked)  # (s, x) per step, all freed
+
+
 def test_cached_supervised_loss_equals_the_uncached_loss(tiny_bert):
     from ibkd.integrations.sentence_transformers import CachedIBKDSupervisedLoss, IBKDSupervisedLoss
 
