@@ -4,7 +4,7 @@
 #   ibkd distill --config main-minilm-2layer --data_dir <data>
 # which distils the teacher into the 2-layer student and prints STS-B dev/test Spearman.
 #
-#   bash scripts/main-job.sh                     # the full job (about 10 min on 2 idle cores)
+#   bash scripts/main-job.sh                     # the full job (about 6 min on 2 idle cores)
 #   bash scripts/main-job.sh --max_steps 2       # further arguments go to `ibkd distill` (CI runs this)
 #
 # Environment: IBKD_DATA_DIR  the data folder (default: ../shared/data beside the checkout; it must hold
