@@ -498,6 +498,11 @@ def test_committed_config_builds_every_row(tmp_path, quick):
     seeds = spec["seeds"]
     assert len(names) == len(set(names))
     assert sum(r.group == "mse" for r in first) == len(seeds) and sum(r.group == "ibkd" for r in second) == len(seeds) - 1
+    # the compact row distils with the chosen stage-1 setting: nothing of a stage-2 setting leaks into it
+    chosen = next(r for r in first if r.group == "sweep")
+    compact = next(r for r in second if r.name == "compact-ibkd")
+    assert compact.train["stage"] == "distill" and compact.train.get("temperature") == spec["common"].get("temperature")
+    assert all(compact.train.get(k) == v for k, v in chosen.info["setting"].items() if k not in spec["compact"]["distill"])
     steps = {r.train["max_steps"] for r in first + second if r.kind in ("train", "st_mse")
              and r.train.get("stage") == "distill" and r.group != "none"}
     assert steps == {3 if quick else 150}  # one step count for every stage-1 row, peers included

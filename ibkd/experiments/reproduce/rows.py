@@ -158,10 +158,10 @@ def phase_two_rows(ctx: Context, chosen: Row, chosen_student: str) -> list[Row]:
         row = distill_row(ctx, f"ibkd-s{s}", "ibkd", "ibkd", s, setting, hash_extra=parent)
         row.info["sweep_name"] = chosen.info.get("sweep_name")
         rows.append(row)
-    for setting in stage2_settings(spec):
-        row = finetune_row(ctx, f"ft-{setting['name']}" if setting["name"] else "ibkd-finetune", "stage2_sweep",
-                           seeds[0], setting, chosen.name, chosen_student, parent)
-        row.info["stage2_name"] = setting["name"]
+    for stage2 in stage2_settings(spec):  # (not `setting`: the compact row below takes the chosen stage-1 one)
+        row = finetune_row(ctx, f"ft-{stage2['name']}" if stage2["name"] else "ibkd-finetune", "stage2_sweep",
+                           seeds[0], stage2, chosen.name, chosen_student, parent)
+        row.info["stage2_name"] = stage2["name"]
         rows.append(row)
     compact = spec.get("compact") or {}
     if compact.get("enabled", True):
