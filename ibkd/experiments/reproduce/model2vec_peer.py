@@ -1,6 +1,6 @@
 """Model2Vec's distill of the teacher as a peer row: the small-and-fast reference point (issue 13, 1b and 5).
 
-Model2Vec (``pip install 'model2vec[distill]'``) turns a sentence encoder into a static model: every token of
+Model2Vec (``pip install 'ibkd[peers]'``, i.e. ``model2vec[distill]``) turns a sentence encoder into a static model: every token of
 the teacher's vocabulary is encoded once by the teacher (mean-pooled), the vectors are reduced by PCA
 (default 256 dimensions) and SIF-weighted, and a sentence is the mean of its tokens' vectors; no transformer
 runs at encode time. :func:`distill_model2vec` calls its documented API (``model2vec.distill.distill`` with
@@ -55,7 +55,7 @@ def _distill_fn():
         from model2vec.distill import distill
     except ImportError as exc:
         raise Model2VecError(f"the Model2Vec peer needs model2vec with its distill extra: pip install "
-                             f"'model2vec[distill]' (or 'ibkd[train]'); {exc}") from None
+                             f"'ibkd[peers]' (model2vec[distill]); {exc}") from None
     return distill
 
 
