@@ -483,6 +483,32 @@ def test_compact_student_from_the_pca_table_needs_no_table_row(workspace):
     assert rows["compact-ibkd"]["parameters"] < full["parameters"] and rows["compact-ibkd"]["d_small"] == 8
 
 
+def test_beta_auto_can_be_the_chosen_setting(reproduced, monkeypatch):
+    # when β=auto's first-seed row is the dev-best, its own rows are the IBKD line at every seed: no ibkd-s*
+    # rows are trained, and stage 2 runs from the auto rows' students
+    root, spec, _, _, _ = reproduced
+    work = root / "auto-chosen-out"
+    shutil.copytree(root / "out", work)
+    real = reproduce.plan.choose
+
+    def prefer_auto(records):
+        auto = [r for r in records if r.get("group") == "auto"]
+        return auto[0] if auto else real(records)
+
+    monkeypatch.setattr(reproduce.plan, "choose", prefer_auto)
+    code, _, err = cli(["--config", write_config(root, spec, "auto.yaml"), "--output", str(work),
+                        "--results", str(root / "auto.json"), "--readme", "none", "--no-progress"])
+    assert code == 0, err
+    doc = json.loads((root / "auto.json").read_text())
+    names = {r["name"] for r in doc["rows"]}
+    assert doc["sweep"]["chosen"] == "auto-s1" and not {"ibkd-s2", "ibkd-s3"} & names
+    by = {line["row"]: line for line in doc["summary"]}
+    assert by["ibkd"]["runs"] == ["auto-s1", "auto-s2", "auto-s3"]
+    parents = {r["name"]: r["parent"] for r in doc["rows"] if r["group"] == "finetune"}
+    assert parents == {"finetune-s2": "auto-s2", "finetune-s3": "auto-s3"}
+    assert {r["parent"] for r in doc["rows"] if r["group"] == "stage2_sweep"} == {"auto-s1"}
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_committed_config_builds_every_row(tmp_path, quick):
     # every TrainConfig of the real plan is valid (no shared data read: STS paths are stand-ins)

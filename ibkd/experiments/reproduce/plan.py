@@ -21,8 +21,8 @@ from .spec import ReproduceError
 GROUPS = ("teacher", "none", "mse", "st_mse", "contrastive", "sweep", "study", "model2vec", "ibkd", "auto",
           "stage2_sweep", "finetune", "compact", "embedding", "gpu")
 # groups a requested group needs first (the rows of these that are already finished are simply reused)
-NEEDS = {"ibkd": ("sweep",), "stage2_sweep": ("sweep",), "finetune": ("sweep", "stage2_sweep", "ibkd"),
-         "compact": ("sweep",)}
+NEEDS = {"ibkd": ("sweep", "auto"), "stage2_sweep": ("sweep", "auto"),
+         "finetune": ("sweep", "auto", "stage2_sweep", "ibkd"), "compact": ("sweep", "auto")}
 
 
 def log_stderr(message: str) -> None:
@@ -103,22 +103,26 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[st
         return records.get(row.name) or _stored(row, ctx)
 
     run_rows(first)
-    sweep_records = [record(r) for r in first if r.group == "sweep"]
-    chosen = choose([r for r in sweep_records if r])
+    # the IBKD setting, chosen on dev among the fixed-β sweep and β=auto (its first-seed row; the library default)
+    seeds = spec.get("seeds", [1, 2, 3])
+    candidates = [r for r in first if r.group == "sweep" or (r.group == "auto" and r.seed == seeds[0])]
+    chosen = choose([rec for rec in map(record, candidates) if rec])
     second: list[Row] = []
     third: list[Row] = []
     stage2_chosen = None
     if chosen is not None:
-        chosen_row = next(r for r in first if r.name == chosen["name"])
-        second = phase_two_rows(ctx, chosen_row, chosen["student"])
+        chosen_row = next(r for r in candidates if r.name == chosen["name"])
+        is_auto = chosen_row.group == "auto"  # then its other seeds are the auto rows themselves
+        second = phase_two_rows(ctx, chosen_row, chosen["student"], repeat_seeds=not is_auto)
         run_rows(second)
         stage2_rows = [r for r in second if r.group == "stage2_sweep"]
         stage2_chosen = choose([rec for rec in map(record, stage2_rows) if rec])
         if stage2_chosen is not None:
             # the chosen IBKD setting's students of the other seeds, for the chosen stage 2 at every seed
             parents = {}
-            for r in second:
-                rec = record(r) if r.group == "ibkd" else None
+            repeats = "auto" if is_auto else "ibkd"
+            for r in (first if is_auto else second):
+                rec = record(r) if r.group == repeats and r.seed != seeds[0] else None
                 if rec and rec.get("status") == "done":
                     parents[r.seed] = (r, rec["student"])
             third = phase_three_rows(ctx, chosen_row, next(r for r in stage2_rows if r.name == stage2_chosen["name"]),

@@ -147,14 +147,15 @@ def phase_one_rows(ctx: Context) -> list[Row]:
     return rows
 
 
-def phase_two_rows(ctx: Context, chosen: Row, chosen_student: str) -> list[Row]:
-    """Rows that follow the sweep's choice: the chosen IBKD setting at the other seeds, stage 2 from
-    its first seed's student (the folder ``chosen_student``), and the compact student."""
+def phase_two_rows(ctx: Context, chosen: Row, chosen_student: str, repeat_seeds: bool = True) -> list[Row]:
+    """Rows that follow the choice of the IBKD setting: the chosen setting at the other seeds (unless
+    ``repeat_seeds`` is off: β=auto was chosen, whose rows exist at every seed), stage 2 from its first seed's
+    student (the folder ``chosen_student``), and the compact student."""
     spec, seeds = ctx.spec, ctx.spec.get("seeds", [1, 2, 3])
     setting = chosen.info["setting"]
     parent = {"chosen": chosen.info.get("sweep_name"), "chosen_hash": chosen.config_hash()}
     rows = []
-    for s in seeds[1:]:
+    for s in (seeds[1:] if repeat_seeds else []):
         row = distill_row(ctx, f"ibkd-s{s}", "ibkd", "ibkd", s, setting, hash_extra=parent)
         row.info["sweep_name"] = chosen.info.get("sweep_name")
         rows.append(row)
