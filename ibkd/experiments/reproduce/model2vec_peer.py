@@ -11,13 +11,11 @@ its vectors as the module's one frozen parameter, so the parameter count is ``vo
 :mod:`ibkd.experiments.reproduce.run`). Its ``train_seconds`` is the time of the distillation.
 
 Nothing here imports :mod:`ibkd.experiments.reproduce.run` (which runs this row): the row takes the teacher
-spec and the scoring function as arguments, with stand-ins of run's own (``teacher_spec``, ``evaluate_encoder``)
-as defaults.
+spec and the scoring function as arguments (run passes its own ``teacher_spec`` and ``evaluate_encoder``).
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -28,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ...distill.evaluation import evaluate_sts
 from ...distill.models import resolve_model_path
 
 MODEL_FOLDER = "model"
@@ -127,34 +124,7 @@ def distill_model2vec(teacher_path_or_id: Optional[str], out_folder: PathLike, p
 
 # -- the row -----------------------------------------------------------------------------------------
 
-def _teacher_spec(ctx) -> str:
-    """As ``ibkd.experiments.reproduce.run.teacher_spec``: "default", a hub id, or a folder with
-    ``{data_dir}`` resolved."""
-    spec = str(ctx.spec["common"]["teacher"])
-    if spec == "default" or "{data_dir}" not in spec:
-        return spec
-    if not ctx.data_dir:
-        raise Model2VecError(f"common.teacher {spec} needs the data folder: pass --data_dir or set $IBKD_DATA_DIR")
-    return os.path.expanduser(spec.replace("{data_dir}", ctx.data_dir))
-
-
-def _evaluate(encoder, sts: dict, batch_size: int) -> dict:
-    """As ``ibkd.experiments.reproduce.run.evaluate_encoder``: dev/test Spearman x100, parameters, output dim,
-    and the better of the two passes' sentences per second."""
-    out, per_split = {}, {}
-    for split in ("dev", "test"):
-        res = evaluate_sts(encoder.encode, sts[split], batch_size=batch_size, name=f"stsb-{split}")
-        out[f"{split}_spearman"] = float(res["spearman"])
-        out["parameters"], out["embedding_dim"] = res["parameters"], res["embedding_dim"]
-        per_split[split] = res["sentences_per_second"]
-    rates = [r for r in per_split.values() if isinstance(r, (int, float)) and r > 0 and not math.isnan(r)]
-    out["sentences_per_second"] = max(rates) if rates else None
-    out["sentences_per_second_by_split"] = per_split
-    return out
-
-
-def run_model2vec_row(row, ctx, folder: Path, *, teacher: Optional[str] = None,
-                      evaluate: Optional[Callable[[Any, dict, int], dict]] = None) -> dict:
+def run_model2vec_row(row, ctx, folder: Path, *, teacher: str, evaluate: Callable[[Any, dict, int], dict]) -> dict:
     """The Model2Vec row: distill the teacher (``ctx.spec["common"]["teacher"]``, or ``teacher``) with
     ``row.info.get("pca_dims", 256)`` into ``folder/model`` and score it on STS-B dev/test with ``evaluate``
     (``run.evaluate_encoder``'s signature; default: the same computation). Returns ``{train_seconds,
@@ -164,12 +134,12 @@ def run_model2vec_row(row, ctx, folder: Path, *, teacher: Optional[str] = None,
     pca_dims = info.get("pca_dims", DEFAULT_PCA_DIMS)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    made = distill_model2vec(teacher or _teacher_spec(ctx), folder / MODEL_FOLDER, pca_dims=pca_dims,
+    made = distill_model2vec(teacher, folder / MODEL_FOLDER, pca_dims=pca_dims,
                              device=info.get("device"))
     if ctx.num_threads:
         torch.set_num_threads(ctx.num_threads)
     encoder = StaticEncoder.load(made["folder"])
-    scores = (evaluate or _evaluate)(encoder, ctx.sts, ctx.spec.get("eval_batch_size", 128))
+    scores = evaluate(encoder, ctx.sts, ctx.spec.get("eval_batch_size", 128))
     return {"train_seconds": made["distill_seconds"], "distill_seconds": made["distill_seconds"],
             "student": made["folder"], "student_path": MODEL_FOLDER, **scores, "pca_dims": pca_dims,
             "vocab_size": made["vocab_size"], "model2vec_version": made["model2vec_version"]}
