@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ibkd.distill.callbacks import NonFiniteLossError
@@ -75,6 +76,23 @@ def test_the_cli_trains_with_the_library_loss_and_its_defaults(files, tmp_path):
     assert float(loss.ibkd.infonce.temperature) == STAGE1_DEFAULTS["temperature"]
     stage2 = build_loss(config(files, tmp_path / "o2", stage="finetune", train_file=str(files / "sts.csv")), model)
     assert type(stage2.ibkd) is SupervisedIBKDLoss
+
+
+def test_without_projection_the_students_own_vector_enters_the_infonce(files, tmp_path):
+    model = to_sentence_transformer(build_student(Encoder.load(str(files / "teacher")), layers=[0, 2]), "cpu")
+    loss = build_loss(config(files, tmp_path / "o1", projection=False), model, 32)
+    assert isinstance(loss.ibkd.projection, torch.nn.Identity)
+    assert not any(name.startswith("ibkd.projection") for name, _ in loss.named_parameters())
+    stage2 = build_loss(config(files, tmp_path / "o2", stage="finetune", train_file=str(files / "sts.csv"),
+                               projection=False), model)
+    assert isinstance(stage2.ibkd.projection, torch.nn.Identity)
+    with pytest.raises(ConfigError, match="projection_dim 16 needs the projection"):
+        config(files, tmp_path / "o3", projection=False, projection_dim=16)
+    summary = run(config(files, tmp_path / "out", projection=False, max_steps=2))
+    assert summary["steps"] == 2
+    run(config(files, tmp_path / "out", projection=False, max_steps=3, resume=True,
+               allow_config_change=["max_steps"]))
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 3
 
 
 def test_teacher_vectors_are_the_label_column():
@@ -158,6 +176,17 @@ def test_resume_refuses_a_changed_config_unless_allowed(files, tmp_path):
         run(config(files, tmp_path / "out", max_steps=2, resume=True, per_device_train_batch_size=4))
     run(config(files, tmp_path / "out", max_steps=3, resume=True, allow_config_change=["max_steps"]))
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 3
+
+
+def test_a_run_saved_before_a_field_existed_resumes_with_that_fields_default(files, tmp_path):
+    run(config(files, tmp_path / "out", max_steps=2))
+    saved = tmp_path / "out" / "config.yaml"
+    values = yaml.safe_load(saved.read_text())
+    del values["projection"]
+    saved.write_text(yaml.safe_dump(values))
+    run(config(files, tmp_path / "out", max_steps=3, resume=True, allow_config_change=["max_steps"]))
+    with pytest.raises(ConfigError, match=r"projection \(True -> False\)"):
+        run(config(files, tmp_path / "out", max_steps=3, resume=True, projection=False))
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])

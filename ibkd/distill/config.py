@@ -139,6 +139,18 @@ def default_data_dir() -> Optional[str]:
     return str(Path(value).expanduser()) if value else None
 
 
+#: fields that may differ between a run and its resumption: they change how a run is watched or where it
+#: reads/writes, never the weights it ends with
+RUNTIME_FIELDS = frozenset({
+    "output_dir", "resume", "overwrite_output_dir", "allow_config_change", "progress", "plot", "step_delay_s",
+    "num_threads", "report_to", "logging_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size",
+    "device", "data_dir", "cache_dir", "dev", "test", "no_eval", "teacher_batch_size", "backend",
+})
+#: of those, the ones that still change a run's reported scores (where it runs, what it is scored on): a
+#: result stored under one value of them is not the result of another
+SCORE_FIELDS = frozenset({"device", "backend", "data_dir", "dev", "test", "no_eval"})
+
+
 @dataclass
 class TrainConfig:
     """Everything a run needs. Loss hyper-parameters left as None take the defaults of the stage in
@@ -197,6 +209,9 @@ class TrainConfig:
     gamma: Any = _f(None, "RBF kernel width of HSIC: a number or 'median' (default: the stage's)",
                     parse=_parser(float, "a number or 'median'", "median"), metavar="X|median")
     projection_dim: Optional[int] = _f(None, "output size of the projection P (default: the teacher's dim)")
+    projection: bool = _f(True, "learn the projection P in front of the InfoNCE; false: the student's own vector "
+                                "meets the teacher's (stage 1 needs the teacher's dim) or, in stage 2, the other "
+                                "side's")
     hsic_layer: Any = _f(None, "hidden layer pooled as the HSIC input x (0 = embedding-layer output; "
                                "default: 0 in stage 1, 'penultimate' in stage 2)", parse=parse_hsic_layer,
                       metavar="N|penultimate")
@@ -300,6 +315,8 @@ class TrainConfig:
                 need(rule[0](value), f"{f.name} must be {rule[1]}, got {value!r}")
         need(not (self.stage == "finetune" and self.method == "mse"),
              "method 'mse' needs teacher vectors (stage distill)")
+        need(self.projection or self.projection_dim is None,
+             f"projection_dim {self.projection_dim} needs the projection: drop projection_dim or set projection true")
         need(self.per_device_train_batch_size >= 2,
              "per_device_train_batch_size must be at least 2 (in-batch negatives)")
         if self.beta is not None:

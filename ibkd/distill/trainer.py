@@ -34,7 +34,7 @@ from ..integrations import sentence_transformers as st_losses
 from ._io import atomic_write_dir, atomic_write_text
 from .callbacks import (NanPolicyCallback, NonFiniteLossError, StepDelayCallback, StepTerms, TrainLogCallback,
                         finite_state)
-from .config import ConfigError, TrainConfig, load_saved_config, write_resolved_config
+from .config import RUNTIME_FIELDS, ConfigError, TrainConfig, load_saved_config, write_resolved_config
 from .preflight import check_against_model, preflight, resolve_device
 from .evaluator import sts_evaluator
 from .inputs import (build_student_encoder, corpus_sentences, distill_dataset, finetune_dataset, load_teacher,
@@ -45,14 +45,6 @@ from .run_folder import claim_output_dir
 __all__ = ["NonFiniteLossError", "build_loss", "last_checkpoint", "run"]
 
 log = logging.getLogger("ibkd.distill")
-
-#: fields that may differ between a run and its resumption: they change how a run is watched or where it
-#: reads/writes, never the weights it ends with
-RUNTIME_FIELDS = frozenset({
-    "output_dir", "resume", "overwrite_output_dir", "allow_config_change", "progress", "plot", "step_delay_s",
-    "num_threads", "report_to", "logging_steps", "save_steps", "save_total_limit", "per_device_eval_batch_size",
-    "device", "data_dir", "cache_dir", "dev", "test", "no_eval", "teacher_batch_size", "backend",
-})
 
 
 # -- the objective -------------------------------------------------------------------------------------
@@ -73,9 +65,9 @@ def build_loss(cfg: TrainConfig, model, teacher_dim: Optional[int] = None):
     try:
         if cfg.stage == "distill":
             cls = st_losses.CachedIBKDDistillationLoss if cfg.grad_cache_chunk else st_losses.IBKDDistillationLoss
-            return cls(model, teacher_dim, projection_dim=cfg.projection_dim, **kwargs)
+            return cls(model, teacher_dim, projection=cfg.projection, projection_dim=cfg.projection_dim, **kwargs)
         cls = st_losses.CachedIBKDSupervisedLoss if cfg.grad_cache_chunk else st_losses.IBKDSupervisedLoss
-        return cls(model, projection_dim=d["projection_dim"], **kwargs)
+        return cls(model, projection_dim=d["projection_dim"] if cfg.projection else None, **kwargs)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -175,6 +167,8 @@ def check_resumable(cfg: TrainConfig, output_dir: Path) -> None:
     saved = TrainConfig.canonical(saved)
     allowed = set(cfg.allow_config_change or ())
     now = cfg.to_dict()
+    # a field newer than the saved run is compared as its default (what that run trained with)
+    saved = {**TrainConfig().to_dict(), **saved}
     changed = [f"{k} ({saved.get(k)!r} -> {now[k]!r})" for k in sorted(now)
                if k not in RUNTIME_FIELDS and k not in allowed and saved.get(k) != now[k]]
     if changed:

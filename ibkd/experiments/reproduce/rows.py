@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from ...distill.config import ConfigError, TrainConfig
+from ...distill.config import RUNTIME_FIELDS, SCORE_FIELDS, ConfigError, TrainConfig
 from .spec import ReproduceError
 
-# TrainConfig fields that change neither the trained student nor its scores (left out of the row hash)
-NOT_HASHED = {"output_dir", "resume", "overwrite_output_dir", "progress", "plot", "save_steps", "save_total_limit",
-              "logging_steps", "num_threads", "per_device_eval_batch_size", "step_delay_s", "teacher_batch_size",
-              "cache_dir", "report_to"}
+# TrainConfig fields that change neither the trained student nor its scores (left out of the row hash): the
+# ones a resumed run may change, less those that change the scores
+NOT_HASHED = RUNTIME_FIELDS - SCORE_FIELDS
 
 
 @dataclass
