@@ -117,7 +117,7 @@ def test_precedence_default_yaml_flags(tmp_path):
     assert (cfg.learning_rate, cfg.per_device_train_batch_size, cfg.max_steps) == (2e-5, 16, 10)
     assert cfg.extra_stsb_sentences is None and cfg.warmup_ratio == TrainConfig.warmup_ratio
     shipped = config_of(["distill", "--config", "main-minilm-2layer", "--max-steps", "2"])
-    assert shipped.student_layers == "0,5" and shipped.max_steps == 2
+    assert shipped.student_layers == "1,5" and shipped.max_steps == 2
 
 
 def test_two_spellings_of_one_field_are_refused(capsys):
