@@ -50,6 +50,9 @@ Environment switches:
   FULL says).
 * ``IBKD_BENCH_TRAIN_DTYPES``     default ``float32,bfloat16``.
 * ``IBKD_BENCH_TRAIN_CHUNK``      GradCache chunk (rows embedded at once), default 128.
+* ``IBKD_BENCH_TRAIN_LENGTH_CHUNK`` rows per length-sorted forward inside a GradCache chunk, default 32
+                                  (``ibkd distill``'s ``length_chunk_size``); 0: the padded chunk, results in
+                                  ``...-padded.json`` (the B = 4096 run of 2026-12-03 08:10 was padded).
 * ``IBKD_BENCH_TRAIN_ROUNDS``     interleaved rounds after the warm-up, default 3.
 * ``IBKD_BENCH_TRAIN_MEMORY=0``   skip the memory processes.
 * ``IBKD_BENCH_NOTE=...``         free-text note stored in the results.
@@ -95,6 +98,8 @@ BATCHES = [int(b) for b in _env_list("IBKD_BENCH_TRAIN_BATCH", ["4096", "16384"]
 DTYPES = _env_list("IBKD_BENCH_TRAIN_DTYPES", ["float32", "bfloat16"])
 LOSS_BACKENDS = ["reference", "cpu"]
 CHUNK = int(os.environ.get("IBKD_BENCH_TRAIN_CHUNK", "128"))
+# rows per length-sorted forward inside each GradCache chunk: ``ibkd distill``'s default (0: the padded chunk)
+LENGTH_CHUNK = int(os.environ.get("IBKD_BENCH_TRAIN_LENGTH_CHUNK", "32"))
 ROUNDS = int(os.environ.get("IBKD_BENCH_TRAIN_ROUNDS", "3"))
 MEMORY = os.environ.get("IBKD_BENCH_TRAIN_MEMORY", "1") != "0"
 MAX_LENGTH = 64
@@ -106,7 +111,7 @@ CHILD_TIMEOUT_S = 3 * 3600
 
 
 def results_path(noisy: bool = False) -> str:
-    name = f"train-step-{bc.machine_id('cpu')}{'-noisy' if noisy else ''}.json"
+    name = f"train-step-{bc.machine_id('cpu')}{'' if LENGTH_CHUNK else '-padded'}{'-noisy' if noisy else ''}.json"
     return os.path.join(HERE, "results", "" if FULL else "quick", name)
 
 
@@ -160,6 +165,7 @@ def make_train_step(student_dir: str, sentences: list[str], teacher: torch.Tenso
     model.max_seq_length = MAX_LENGTH
     model.train()
     loss_fn = CachedIBKDDistillationLoss(model, teacher_dim=teacher.shape[1], mini_batch_size=CHUNK, beta=BETA,
+                                         length_chunk_size=LENGTH_CHUNK or None,
                                          backend=backend)
     optimizer = torch.optim.AdamW(loss_fn.parameters(), lr=LEARNING_RATE)  # the student's and P's
     features = model.tokenize(sentences)  # the collator's work: outside the step
@@ -289,7 +295,7 @@ class Run:
             "machine": bc.machine_info("cpu"), "note": os.environ.get("IBKD_BENCH_NOTE", ""),
             "started_at": _now(),
             "settings": {"student": "all-MiniLM-L6-v2 layers " + ",".join(map(str, STUDENT_LAYERS)),
-                         "max_length": MAX_LENGTH, "grad_cache_chunk": CHUNK, "beta": BETA,
+                         "max_length": MAX_LENGTH, "grad_cache_chunk": CHUNK, "length_chunk_size": LENGTH_CHUNK, "beta": BETA,
                          "optimizer": f"AdamW lr={LEARNING_RATE}", "rounds": ROUNDS, "threads": threads,
                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
                          "loss": "CachedIBKDDistillationLoss (IBKDLoss defaults: tau 1.0, gamma 1.0, "

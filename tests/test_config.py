@@ -65,6 +65,7 @@ def test_text_values_are_parsed_like_flags():
     ({"device": "gpu"}, "device must be cpu, cuda, cuda:N or auto, got 'gpu'"),
     ({"eval_steps": 0}, "eval_steps must be a positive integer"),
     ({"corpus_limit": -3}, "corpus_limit must be a positive integer"),
+    ({"length_chunk_size": -1}, "length_chunk_size must be an integer >= 0, got -1"),
     ({"warmup_ratio": 1.5}, "warmup_ratio must be in [0, 1)"),
     ({"resume": "maybe"}, "resume: expected true or false, got 'maybe'"),
     ({"student": "s", "student_layers": "0"}, "give one of student, student_layers, fresh_student"),

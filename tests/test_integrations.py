@@ -360,6 +360,84 @@ def test_cached_supervised_loss_equals_the_uncached_loss(tiny_bert):
         torch.testing.assert_close(g_cached[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+# ------------------------------------------------------------------------------------------------
+# length-sorted chunks: the padded batch's vectors and gradients, with fewer padded tokens
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 3, 5, 64])
+@pytest.mark.parametrize("cached", [False, True])
+def test_length_chunks_equal_the_padded_batch(tiny_bert, chunk, cached):
+    from ibkd.integrations.sentence_transformers import CachedIBKDDistillationLoss, IBKDDistillationLoss
+
+    sentences = SENTENCES[:10]  # 4 to 7 words: the batch is padded
+    results = []
+    for length_chunk_size in (None, chunk):
+        torch.manual_seed(0)
+        model = tiny_st_model(tiny_bert)
+        kwargs = {"mini_batch_size": 4} if cached else {}
+        cls = CachedIBKDDistillationLoss if cached else IBKDDistillationLoss
+        loss = cls(model, TEACHER_DIM, beta=0.7, length_chunk_size=length_chunk_size, **kwargs)
+        features, _, _ = _hf_reference(model, sentences, layer=0)
+        results.append(_grads_after(loss, [features], teacher_vectors(sentences)))
+    (out_plain, g_plain), (out_chunked, g_chunked) = results
+    for key in out_plain:
+        torch.testing.assert_close(out_chunked[key], out_plain[key], rtol=1e-5, atol=1e-6)
+    assert g_plain.keys() == g_chunked.keys() and any(k.startswith("model.") for k in g_plain)
+    for name in g_plain:
+        torch.testing.assert_close(g_chunked[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_length_chunks_in_the_supervised_loss(tiny_bert):
+    from ibkd.integrations.sentence_transformers import IBKDSupervisedLoss
+
+    columns = (SENTENCES[:6], SENTENCES[6:], SENTENCES[3:9])
+    results = []
+    for length_chunk_size in (None, 2):
+        torch.manual_seed(0)
+        model = tiny_st_model(tiny_bert)
+        loss = IBKDSupervisedLoss(model, beta=0.5, projection_dim=8, length_chunk_size=length_chunk_size)
+        results.append(_grads_after(loss, [_hf_reference(model, c, layer=-1)[0] for c in columns], None))
+    (out_plain, g_plain), (out_chunked, g_chunked) = results
+    for key in out_plain:
+        torch.testing.assert_close(out_chunked[key], out_plain[key], rtol=1e-5, atol=1e-6)
+    for name in g_plain:
+        torch.testing.assert_close(g_chunked[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert loss.get_config_dict()["length_chunk_size"] == 2
+
+
+def test_length_chunks_cut_only_right_padding():
+    from ibkd.integrations.sentence_transformers.length_chunks import embed_by_length
+
+    seen = []
+
+    def embed(features):  # a row's vector: the sum of its ids; x: its length
+        seen.append(tuple(features["input_ids"].shape))
+        ids, mask = features["input_ids"].double(), features["attention_mask"]
+        return (ids * mask).sum(1, keepdim=True), mask.sum(1, keepdim=True).double()
+
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
+    ids = torch.arange(24).reshape(4, 6) + 1
+    features = {"input_ids": ids, "attention_mask": mask, "modality": "text"}
+    expected = embed(features)
+    seen.clear()
+    s, x = embed_by_length(embed, features, 2)
+    assert seen == [(2, 2), (2, 6)]  # lengths 1, 2 | 4, 6
+    torch.testing.assert_close(s, expected[0])
+    torch.testing.assert_close(x, expected[1])
+    left = {"input_ids": ids, "attention_mask": mask.flip(1)}  # left padding: nothing may be cut
+    seen.clear()
+    s, _ = embed_by_length(embed, left, 2)
+    assert seen == [(2, 6), (2, 6)]
+    torch.testing.assert_close(s, embed(left)[0])
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "32"])
+def test_length_chunk_size_must_be_a_count(tiny_bert, bad):
+    from ibkd.integrations.sentence_transformers import IBKDDistillationLoss
+
+    with pytest.raises(ValueError, match="length_chunk_size must be a positive int"):
+        IBKDDistillationLoss(tiny_st_model(tiny_bert), TEACHER_DIM, length_chunk_size=bad)
+
+
 def test_cached_loss_trains_under_the_trainer(tiny_bert, tmp_path):
     from ibkd.integrations.sentence_transformers import CachedIBKDDistillationLoss
 

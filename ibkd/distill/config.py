@@ -117,7 +117,7 @@ _VALUE_RULES = {
     **dict.fromkeys(("learning_rate", "num_train_epochs", "beta_target_ratio", "temperature", "max_grad_norm"),
                     (lambda v: _is_number(v) and v > 0, "a positive number")),
     **dict.fromkeys(("weight_decay", "step_delay_s"), (lambda v: _is_number(v) and v >= 0, "a number >= 0")),
-    "max_nan_skips": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    **dict.fromkeys(("max_nan_skips", "length_chunk_size"), (lambda v: _is_int(v) and v >= 0, "an integer >= 0")),
     "warmup_ratio": (lambda v: _is_number(v) and 0 <= v < 1, "in [0, 1)"),
     "min_score": (lambda v: _is_number(v) and 0 <= v <= 5, "in [0, 5]"),
     "gamma": (lambda v: v == "median" or (_is_number(v) and v > 0), "a positive number or 'median'"),
@@ -230,6 +230,9 @@ class TrainConfig:
     gradient_accumulation_steps: int = _f(1, "batches per optimizer step")
     grad_cache_chunk: Optional[int] = _f(None, "GradCache: embed the batch in chunks of this many rows "
                                                "(batches larger than memory)")
+    length_chunk_size: int = _f(32, "embed each batch in length-sorted chunks of this many rows, each cut to its "
+                                    "longest sentence (same vectors, fewer padded tokens: ~3x faster on CPU "
+                                    "here); 0: the padded batch in one forward")
     max_grad_norm: Optional[float] = _f(None, "clip the gradient norm to this (default: no clipping)")
     amp: str = _f("off", "mixed precision: bf16, fp16 or off", choices=("bf16", "fp16", "off"))
     # runtime

@@ -59,7 +59,7 @@ def build_loss(cfg: TrainConfig, model, teacher_dim: Optional[int] = None):
                   normalize_hsic_inputs=cfg.normalize_hsic_inputs, projection_init=cfg.projection_init,
                   beta_target_ratio=cfg.beta_target_ratio, beta_calibration_steps=cfg.beta_calibration_steps,
                   gather_across_devices=cfg.gather_across_devices, track_grad_norms=True, backend=cfg.backend,
-                  input_layer=layer)
+                  input_layer=layer, length_chunk_size=cfg.length_chunk_size or None)
     if cfg.grad_cache_chunk:
         kwargs["mini_batch_size"] = cfg.grad_cache_chunk
     try:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ...losses import IBKDLoss, SupervisedIBKDLoss, load_loss_state, save_loss_state
+from .length_chunks import check_length_chunk_size, embed_by_length
 
 __all__ = ["IBKDDistillationLoss", "IBKDSupervisedLoss", "embed_with_hidden_layer"]
 
@@ -104,21 +105,30 @@ class _IBKDSentenceLoss(nn.Module):
 
     ibkd: Union[IBKDLoss, SupervisedIBKDLoss]
 
-    def __init__(self, model: nn.Module, input_layer: int, config: dict) -> None:
+    def __init__(self, model: nn.Module, input_layer: int, config: dict,
+                 length_chunk_size: Optional[int] = None) -> None:
         super().__init__()
         self.model = model
         _backbone_config(model)  # fail at construction, not at the first step
         self.input_layer = input_layer
-        self._config = config
+        self.length_chunk_size = check_length_chunk_size(length_chunk_size)
+        self._config = dict(config, length_chunk_size=self.length_chunk_size)
         self.last_output: dict[str, Tensor] = {}
 
-    def embed(self, column: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        """(sentence embedding, x) of one column; x only when the objective needs it."""
+    def embed(self, column: dict[str, Tensor], *, with_inputs: Optional[bool] = None) -> tuple[Tensor, Optional[Tensor]]:
+        """(sentence embedding, x) of one column; x only when the objective needs it (``with_inputs``
+        overrides). With ``length_chunk_size``, embedded in length-sorted chunks without their padding."""
         # the trainer switches the model between train and eval, not the loss: β calibrates in training only
         self.ibkd.train(self.model.training)
-        if self.ibkd.uses_inputs:
-            return embed_with_hidden_layer(self.model, column, self.input_layer)
-        return self.model(column)["sentence_embedding"], None
+        if with_inputs is None:
+            with_inputs = self.ibkd.uses_inputs
+
+        def once(features: dict[str, Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+            if with_inputs:
+                return embed_with_hidden_layer(self.model, features, self.input_layer)
+            return self.model(features)["sentence_embedding"], None
+
+        return embed_by_length(once, column, self.length_chunk_size)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
         features = list(sentence_features)
@@ -176,7 +186,8 @@ def _mean_over_columns(outs: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------
 class IBKDDistillationLoss(_IBKDSentenceLoss):
     def __init__(self, model: nn.Module, teacher_dim: int, *, input_layer: int = 0,
-                 student_dim: Optional[int] = None, **objective_kwargs: Any) -> None:
+                 student_dim: Optional[int] = None, length_chunk_size: Optional[int] = None,
+                 **objective_kwargs: Any) -> None:
         """
         IBKD distillation (stage 1): the student keeps the teacher's information through an InfoNCE
         between its projected embedding P(s) and the teacher embedding t (the other teacher vectors
@@ -190,6 +201,9 @@ class IBKDDistillationLoss(_IBKDSentenceLoss):
             teacher_dim: dimension of the teacher vectors in the label column.
             input_layer: which hidden layer is pooled into x (0 = embedding output).
             student_dim: the student's embedding dim; read from the model by default.
+            length_chunk_size: embed the batch in chunks of this many rows sorted by length, each cut to
+                its own longest sentence (same vectors up to float rounding, fewer padded tokens: ~3x
+                faster on CPU for short sentences, see :mod:`.length_chunks`); None or 0: one forward.
             **objective_kwargs: options of :class:`ibkd.losses.IBKDLoss`, with its defaults:
                 ``temperature=1.0``; ``beta="auto"`` (β set in the first training steps so that the HSIC
                 gradient is ``beta_target_ratio=0.5`` times the InfoNCE gradient at the student output,
@@ -243,7 +257,8 @@ class IBKDDistillationLoss(_IBKDSentenceLoss):
                 trainer.train()
                 loss.save_projection("output/")  # P and the calibrated beta, as safetensors
         """
-        super().__init__(model, input_layer, dict(teacher_dim=teacher_dim, input_layer=input_layer, **objective_kwargs))
+        super().__init__(model, input_layer, dict(teacher_dim=teacher_dim, input_layer=input_layer, **objective_kwargs),
+                         length_chunk_size)
         self.student_dim = student_dim or _embedding_dim(model)
         self.teacher_dim = teacher_dim
         self.ibkd = IBKDLoss(self.student_dim, teacher_dim, **objective_kwargs)
@@ -277,7 +292,7 @@ class IBKDDistillationLoss(_IBKDSentenceLoss):
 # ---------------------------------------------------------------------------------------------
 class IBKDSupervisedLoss(_IBKDSentenceLoss):
     def __init__(self, model: nn.Module, *, input_layer: int = -2, student_dim: Optional[int] = None,
-                 **objective_kwargs: Any) -> None:
+                 length_chunk_size: Optional[int] = None, **objective_kwargs: Any) -> None:
         """
         Supervised IBKD (stage 2): InfoNCE between the anchor and its positive, the other positives of
         the batch and every hard negative being negatives, plus β·HSIC(x, s) between the anchor
@@ -290,6 +305,7 @@ class IBKDSupervisedLoss(_IBKDSentenceLoss):
             model: the SentenceTransformer to fine-tune; its first module must be a Transformer.
             input_layer: which hidden layer is pooled into x (-2 = penultimate).
             student_dim: the model's embedding dim; read from the model by default.
+            length_chunk_size: as :class:`IBKDDistillationLoss` (every column, length-sorted chunks).
             **objective_kwargs: options of :class:`ibkd.losses.SupervisedIBKDLoss`, with its defaults:
                 ``temperature=0.05``; ``beta="auto"`` (a number means exactly that β; 0 gives
                 MultipleNegativesRankingLoss with scale 1/τ when ``projection_dim=None``); ``gamma=0.1``;
@@ -340,14 +356,12 @@ class IBKDSupervisedLoss(_IBKDSentenceLoss):
                 trainer = SentenceTransformerTrainer(model=model, train_dataset=train_dataset, loss=loss)
                 trainer.train()
         """
-        super().__init__(model, input_layer, dict(input_layer=input_layer, **objective_kwargs))
+        super().__init__(model, input_layer, dict(input_layer=input_layer, **objective_kwargs), length_chunk_size)
         self.student_dim = student_dim or _embedding_dim(model)
         self.ibkd = SupervisedIBKDLoss(self.student_dim, **objective_kwargs)
 
     def embed(self, column: dict[str, Tensor], *, anchor: bool = True) -> tuple[Tensor, Optional[Tensor]]:
-        if anchor:
-            return super().embed(column)
-        return self.model(column)["sentence_embedding"], None
+        return super().embed(column, with_inputs=None if anchor else False)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Optional[Tensor] = None) -> dict[str, Tensor]:
         features = list(sentence_features)
