@@ -411,12 +411,14 @@ def test_length_chunks_cut_only_right_padding():
 
     def embed(features):  # a row's vector: the sum of its ids; x: its length
         seen.append(tuple(features["input_ids"].shape))
+        assert features.get("row_vectors", torch.zeros(1, 6)).shape[1] == 6
         ids, mask = features["input_ids"].double(), features["attention_mask"]
         return (ids * mask).sum(1, keepdim=True), mask.sum(1, keepdim=True).double()
 
     mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]])
     ids = torch.arange(24).reshape(4, 6) + 1
-    features = {"input_ids": ids, "attention_mask": mask, "modality": "text"}
+    rows_data = torch.randn(4, 6)  # per-row floats whose width equals the padded length: kept whole
+    features = {"input_ids": ids, "attention_mask": mask, "modality": "text", "row_vectors": rows_data}
     expected = embed(features)
     seen.clear()
     s, x = embed_by_length(embed, features, 2)

@@ -31,15 +31,22 @@ def check_length_chunk_size(value: Optional[int]) -> Optional[int]:
     return value
 
 
+def _is_token_level(value: Tensor, rows: int, width: int) -> bool:
+    """(rows, width) ids/masks/type ids, or (rows, width, ...) per-token inputs. A float (rows, width) matrix
+    is taken as per-row data (e.g. vectors whose dim happens to equal the padded length), never cut."""
+    if tuple(value.shape[:2]) != (rows, width):
+        return False
+    return value.dim() >= 3 or not value.is_floating_point()
+
+
 def _take(value: Any, rows: int, width: int, index: Tensor, keep: int) -> Any:
     """The chunk's part of one feature: token-level tensors lose their padding columns, row-level ones
     keep their chunk's rows, anything else (a modality string, a prompt length) is shared."""
     if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != rows:
         return value
+    token_level = _is_token_level(value, rows, width)
     value = value.index_select(0, index.to(value.device))
-    if value.dim() >= 2 and value.shape[1] == width:
-        value = value[:, :keep]
-    return value
+    return value[:, :keep] if token_level else value
 
 
 def embed_by_length(embed: Callable[[dict[str, Any]], Embedded], features: dict[str, Any],
