@@ -483,3 +483,21 @@ def test_st_loss_loads_a_legacy_projection_file(tiny_bert, tmp_path):
     (tmp_path / "bad" / "ibkd_projection.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ValueError, match="cannot read the loss state"):
         fresh.load_projection(tmp_path / "bad")
+
+
+def test_feature_rows_are_taken_from_row_level_entries_only():
+    from ibkd.integrations.sentence_transformers.features import batch_rows, take_rows
+
+    ids = torch.arange(12).reshape(4, 3)
+    features = {"input_ids": ids, "attention_mask": torch.ones(4, 3, dtype=torch.long),
+                "prompt_length": torch.tensor(2), "modality": "text", "other": torch.zeros(5, 2)}
+    assert batch_rows(features) == 4
+    part = take_rows(features, slice(1, 3))
+    assert torch.equal(part["input_ids"], ids[1:3]) and part["attention_mask"].shape == (2, 3)
+    assert part["prompt_length"] is features["prompt_length"] and part["modality"] == "text"
+    assert part["other"] is features["other"]  # 5 rows: not the batch's
+    picked = take_rows(features, torch.tensor([3, 0]))
+    assert torch.equal(picked["input_ids"], ids[[3, 0]])
+    assert batch_rows({"sentence_embedding": torch.zeros(7, 2)}) == 7
+    with pytest.raises(ValueError, match="no tensor"):
+        batch_rows({"modality": "text"})

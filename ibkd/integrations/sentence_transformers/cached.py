@@ -9,6 +9,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .features import batch_rows, take_rows
 from .losses import IBKDDistillationLoss, IBKDSupervisedLoss, _unwrap
 
 __all__ = ["CachedIBKDDistillationLoss", "CachedIBKDSupervisedLoss"]
@@ -17,19 +18,6 @@ __all__ = ["CachedIBKDDistillationLoss", "CachedIBKDSupervisedLoss"]
 # ---------------------------------------------------------------------------------------------
 # GradCache variants
 # ---------------------------------------------------------------------------------------------
-def _slice_features(features: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
-    rows = features["input_ids"].shape[0] if "input_ids" in features else None
-    return {k: v[start:stop] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == rows else v
-            for k, v in features.items()}
-
-
-def _batch_rows(features: dict[str, Any]) -> int:
-    for value in features.values():
-        if isinstance(value, Tensor) and value.dim() > 0:
-            return value.shape[0]
-    raise ValueError("a sentence-features dict holds no tensor")
-
-
 class _RngSnapshot:
     """The RNG state before a chunk's first (no-grad) pass, replayed for its second pass so that dropout
     draws the same masks."""
@@ -70,10 +58,10 @@ class _GradCacheMixin:
         chunks, snapshots, embedded = [], [], []
         with torch.no_grad():
             for i, column in enumerate(features):
-                rows = _batch_rows(column)
+                rows = batch_rows(column)
                 parts, col_chunks, col_snaps = [], [], []
                 for start in range(0, rows, self.mini_batch_size):
-                    chunk = _slice_features(column, start, start + self.mini_batch_size)
+                    chunk = take_rows(column, slice(start, start + self.mini_batch_size), total=rows)
                     col_snaps.append(_RngSnapshot(_unwrap_device(self.model)))
                     # a copy goes to the model: a SentenceTransformer writes its outputs (token embeddings,
                     # every hidden layer) into the dict it is given, and the kept inputs would hold them

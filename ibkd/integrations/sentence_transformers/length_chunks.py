@@ -6,9 +6,10 @@ every row pay for ``max_length`` tokens. On the wiki + STS-B corpus at ``max_len
 masked) does not depend on the padding of other rows, so embedding the rows sorted by length in chunks
 gives the same vectors up to float rounding with ~1/3 of the tokens. Measured on 2 CPU cores (2-layer
 MiniLM student, batch 256, one training step; ``benchmarks/test_bench_length_chunks.py``): 4.9x (bf16) and
-5.5x (fp32) faster in chunks of 32 rows; a whole ``ibkd distill`` run 2.5x more sentences/s. sentence-transformers sorts by length in ``encode`` but not in training, and Hugging
-Face's ``group_by_length`` changes which sentences share a batch (the in-batch negatives); this keeps
-the batch and only drops its padding.
+5.5x (fp32) faster in chunks of 32 rows; a whole ``ibkd distill`` run 2.5x more sentences/s.
+sentence-transformers sorts by length in ``encode`` but not in training, and Hugging Face's
+``group_by_length`` changes which sentences share a batch (the in-batch negatives); this keeps the batch
+and only drops its padding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor
+
+from .features import take_rows
 
 __all__ = ["embed_by_length", "check_length_chunk_size"]
 
@@ -39,16 +42,6 @@ def _is_token_level(value: Tensor, rows: int, width: int) -> bool:
     return value.dim() >= 3 or not value.is_floating_point()
 
 
-def _take(value: Any, rows: int, width: int, index: Tensor, keep: int) -> Any:
-    """The chunk's part of one feature: token-level tensors lose their padding columns, row-level ones
-    keep their chunk's rows, anything else (a modality string, a prompt length) is shared."""
-    if not isinstance(value, Tensor) or value.dim() == 0 or value.shape[0] != rows:
-        return value
-    token_level = _is_token_level(value, rows, width)
-    value = value.index_select(0, index.to(value.device))
-    return value[:, :keep] if token_level else value
-
-
 def embed_by_length(embed: Callable[[dict[str, Any]], Embedded], features: dict[str, Any],
                     chunk_size: Optional[int]) -> Embedded:
     """``embed(features)`` computed as ``embed`` over chunks of ``chunk_size`` rows sorted by length, every
@@ -65,13 +58,15 @@ def embed_by_length(embed: Callable[[dict[str, Any]], Embedded], features: dict[
     if rows <= chunk_size and int(lengths.max()) == width:
         return embed(features)
     order = torch.argsort(lengths, stable=True)
+    token_level = {k for k, v in features.items() if isinstance(v, Tensor) and _is_token_level(v, rows, width)}
     parts: list[Embedded] = []
     for start in range(0, rows, chunk_size):
         index = order[start:start + chunk_size]
         keep = max(int(lengths[index].max()), 1)
         if keep < width and bool(mask.index_select(0, index)[:, keep:].any()):
             keep = width  # left padding (or holes): cutting columns would drop real tokens
-        parts.append(embed({k: _take(v, rows, width, index, keep) for k, v in features.items()}))
+        chunk = take_rows(features, index, total=rows)
+        parts.append(embed({k: v[:, :keep] if k in token_level else v for k, v in chunk.items()}))
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(rows, device=order.device)
     s = torch.cat([p[0] for p in parts]).index_select(0, inverse.to(parts[0][0].device))
