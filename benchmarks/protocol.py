@@ -406,13 +406,27 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def summarize(doc: dict) -> None:
-    """Ratios, share of the ceiling, targets, crossover sizes and the noise verdict (in place)."""
+def measure_ceiling(threads: int, timeout: float = 600) -> dict:
+    """The machine's GEMM rates now, in a fresh process under the current wait policy (step 1 / 5)."""
+    return _spawn("ceiling", {"threads": threads}, os.environ.get("OMP_WAIT_POLICY", "default"), timeout)
+
+
+def judge_noise(doc: dict) -> bool:
+    """How far each ceiling rate moved between ``doc["ceiling"]["start"]`` and ``["end"]``, and the verdict:
+    noisy when one moved by more than NOISE_LIMIT, or when there is nothing to compare (in place)."""
     start = (doc["ceiling"].get("start") or {}).get("gflops") or {}
     end = (doc["ceiling"].get("end") or {}).get("gflops") or {}
     moved = {k: abs(end[k] - start[k]) / start[k] for k in start if k in end and start[k] > 0}
     doc["ceiling_moved"] = moved
     doc["noisy"] = (not moved) or any(v > NOISE_LIMIT for v in moved.values())
+    return doc["noisy"]
+
+
+def summarize(doc: dict) -> None:
+    """Ratios, share of the ceiling, targets, crossover sizes and the noise verdict (in place)."""
+    judge_noise(doc)
+    start = (doc["ceiling"].get("start") or {}).get("gflops") or {}
+    end = (doc["ceiling"].get("end") or {}).get("gflops") or {}
     ceiling_fp32 = statistics.mean([x for x in (start.get("sgemm_kernel_tile_gemm"), end.get("sgemm_kernel_tile_gemm")) if x] or [float("nan")])
     ceiling_mkl = statistics.mean([x for x in (start.get("sgemm_mkl"), end.get("sgemm_mkl")) if x] or [float("nan")])
     for c in doc["cases"]:

@@ -38,6 +38,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+import protocol  # noqa: E402
 
 BATCH = 256
 MAX_LENGTH = 64
@@ -45,7 +46,6 @@ STUDENT_LAYERS = [1, 5]
 PEERS = [None, 16, 32, 64]
 DTYPES = ["float32", "bfloat16"]
 ROUNDS = int(os.environ.get("IBKD_BENCH_CHUNK_ROUNDS", "5"))
-NOISE_LIMIT = 0.20
 
 
 def corpus_batch() -> list[str]:
@@ -96,12 +96,6 @@ def make_step(student_dir: str, features: dict, teacher: torch.Tensor, chunk, dt
     return step, first_loss
 
 
-def ceiling(threads: int) -> dict:
-    import protocol
-
-    return protocol._spawn("ceiling", {"threads": threads}, os.environ.get("OMP_WAIT_POLICY", "default"), 600)
-
-
 def test_length_chunks(tmp_path):
     from ibkd.distill.models import Encoder, subset_layers
 
@@ -110,7 +104,7 @@ def test_length_chunks(tmp_path):
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "batch": BATCH,
            "max_length": MAX_LENGTH, "student_layers": STUDENT_LAYERS, "rounds": ROUNDS,
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "ceiling": {"start": ceiling(threads)}, "load_start": bc.load_snapshot(), "cases": []}
+           "ceiling": {"start": protocol.measure_ceiling(threads)}, "load_start": bc.load_snapshot(), "cases": []}
     sentences = corpus_batch()
     teacher_encoder = Encoder.load("default", max_length=MAX_LENGTH)
     teacher = teacher_encoder.encode(sentences, batch_size=128, amp="off").float()
@@ -152,11 +146,9 @@ def test_length_chunks(tmp_path):
         for chunk in PEERS:
             assert abs(firsts[chunk] - firsts[None]) <= tol * max(1.0, abs(firsts[None])), (chunk, firsts)
 
-    doc["ceiling"]["end"] = ceiling(threads)
+    doc["ceiling"]["end"] = protocol.measure_ceiling(threads)
     doc["load_end"] = bc.load_snapshot()
-    start, end = (doc["ceiling"][k].get("gflops") or {} for k in ("start", "end"))
-    moved = {k: abs(end[k] - start[k]) / start[k] for k in start if k in end and start[k] > 0}
-    doc["ceiling_moved"], doc["noisy"] = moved, (not moved) or any(v > NOISE_LIMIT for v in moved.values())
+    protocol.judge_noise(doc)
     name = f"length-chunks-{bc.machine_id('cpu')}{'-noisy' if doc['noisy'] else ''}.json"
     path = os.path.join(HERE, "results", name)
     with open(path, "w", encoding="utf-8") as f:
@@ -164,4 +156,4 @@ def test_length_chunks(tmp_path):
     for case in doc["cases"]:
         print(case["dtype"], {k: (round(v["median_s"], 3), round(v["speedup_vs_padded"], 2))
                               for k, v in case["peers"].items()})
-    print(f"results: {path}; ceiling moved {moved}; noisy {doc['noisy']}")
+    print(f"results: {path}; ceiling moved {doc['ceiling_moved']}; noisy {doc['noisy']}")

@@ -85,6 +85,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import bench_common as bc  # noqa: E402
+import protocol  # noqa: E402
 from memory import _status_kib, measure_call_peak  # noqa: E402
 
 
@@ -106,7 +107,6 @@ MAX_LENGTH = 64
 STUDENT_LAYERS = [0, 5]
 BETA = 1.0
 LEARNING_RATE = 1e-5
-NOISE_LIMIT = 0.20  # the protocol's: a ceiling that moved more than this marks the run noisy
 CHILD_TIMEOUT_S = 3 * 3600
 
 
@@ -315,11 +315,7 @@ class Run:
         os.replace(path + ".tmp", path)
 
     def finish(self) -> str:
-        start = (self.doc["ceiling"].get("start") or {}).get("gflops") or {}
-        end = (self.doc["ceiling"].get("end") or {}).get("gflops") or {}
-        moved = {k: abs(end[k] - start[k]) / start[k] for k in start if k in end and start[k] > 0}
-        self.doc["ceiling_moved"] = moved
-        self.doc["noisy"] = (not moved) or any(v > NOISE_LIMIT for v in moved.values())
+        protocol.judge_noise(self.doc)
         self.doc["complete"] = True
         self.doc["finished_at"] = _now()
         path = results_path(noisy=self.doc["noisy"])
@@ -333,12 +329,6 @@ def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def ceiling(threads: int) -> dict:
-    import protocol
-
-    return protocol._spawn("ceiling", {"threads": threads}, os.environ.get("OMP_WAIT_POLICY", "default"), 600)
-
-
 # ---------------------------------------------------------------------------------------- tests
 
 
@@ -346,10 +336,10 @@ def ceiling(threads: int) -> dict:
 def run():
     threads = torch.get_num_threads()
     r = Run(threads)
-    r.doc["ceiling"]["start"] = ceiling(threads)
+    r.doc["ceiling"]["start"] = protocol.measure_ceiling(threads)
     r.doc["load_start"] = bc.load_snapshot()
     yield r
-    r.doc["ceiling"]["end"] = ceiling(threads)
+    r.doc["ceiling"]["end"] = protocol.measure_ceiling(threads)
     r.doc["load_end"] = bc.load_snapshot()
     path = r.finish()
     verdict = "NOISY (ceiling moved > 20 %): not publishable, re-run on a quiet machine" if r.doc["noisy"] else "ceiling steady"
