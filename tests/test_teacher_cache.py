@@ -145,7 +145,7 @@ def test_leftovers_of_killed_writers_are_removed(teacher, tmp_path):
     dead.wait()
     (folder / f".pca4.npy.tmp-{dead.pid}").write_bytes(b"partial")
     build_teacher_cache(teacher, SENTS, tmp_path, progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == ["embeddings.f32", "meta.json"]
+    assert sorted(p.name for p in folder.iterdir()) == ["build.lock", "embeddings.f32", "meta.json"]
 
 
 def test_pca(teacher, tmp_path):
@@ -183,3 +183,34 @@ def test_cache_written_before_sizes_were_recorded_is_still_used(teacher, tmp_pat
     _damage(folder / "embeddings.f32", "truncate")
     with pytest.raises(IntegrityError, match="is truncated"):
         build_teacher_cache(counting, SENTS, tmp_path, progress=False)
+
+
+def test_builders_of_one_cache_wait_for_each_other(teacher, tmp_path):
+    """Two builders started together (two rows of `ibkd reproduce --workers 2`): the cache is encoded once,
+    the second waits for the first and reads its finished matrix."""
+    import threading
+    import time
+
+    started = threading.Event()
+
+    class Slow(Counting):
+        def encode(self, sentences, **kw):
+            started.set()
+            time.sleep(0.3)  # long enough for the other builder to arrive while this one holds the lock
+            return super().encode(sentences, **kw)
+
+    builders = [Slow(teacher), Counting(teacher)]
+    out = [None, None]
+
+    def build(i):
+        out[i] = np.array(build_teacher_cache(builders[i], SENTS, tmp_path, progress=False, chunk_rows=4))
+
+    first = threading.Thread(target=build, args=(0,))
+    first.start()
+    started.wait(5)
+    second = threading.Thread(target=build, args=(1,))
+    second.start()
+    first.join(30)
+    second.join(30)
+    assert builders[0].rows == len(SENTS) and builders[1].rows == 0
+    assert np.array_equal(out[0], out[1])

@@ -6,7 +6,8 @@ pooling, normalisation, max length and the corpus hash. Files:
 * ``embeddings.f32`` — N × D float32, row-major, preallocated; filled in chunks;
 * ``progress.json`` — rows done so far (fsynced after each chunk), so an interrupted build continues;
 * ``meta.json`` — the key fields, N, D and the SHA-256 and size of the finished matrix; written last;
-* ``pca<d>.npy`` + ``pca<d>.json`` — optional PCA of the matrix to ``d`` dims, and its SHA-256 and size.
+* ``pca<d>.npy`` + ``pca<d>.json`` — optional PCA of the matrix to ``d`` dims, and its SHA-256 and size;
+* ``build.lock`` — held (``flock``) by the one process building the cache; others wait, then read it.
 
 A folder without ``meta.json`` is an unfinished build and is continued. Once finished, every read checks the
 files against their recorded size and SHA-256 (:mod:`ibkd.distill.integrity`): damage (flipped bits,
@@ -18,6 +19,7 @@ behind the user's back (damage on a disk that held finished files is worth knowi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -77,6 +79,66 @@ def _finished_cache(folder: Path, fields: dict) -> Optional[dict]:
     return meta
 
 
+def _build(folder: Path, teacher, sentences: Sequence[str], key: str, fields: dict, *, batch_size: int, device,
+           amp: str, progress: bool, chunk_rows: int) -> dict:
+    """Fill ``embeddings.f32`` in chunks (continuing an interrupted build), then write ``meta.json``."""
+    data_path, progress_path, meta_path = folder / "embeddings.f32", folder / "progress.json", folder / "meta.json"
+    n, dim = len(sentences), teacher.dim
+    done = 0
+    if progress_path.exists() and data_path.exists() and data_path.stat().st_size == n * dim * 4:
+        try:
+            state = json.loads(progress_path.read_text())
+            if state.get("key") == key:
+                done = int(state["rows_done"])
+        except (json.JSONDecodeError, KeyError, ValueError):
+            done = 0
+    if done:
+        log.info("teacher cache: resuming at row %d of %d", done, n)
+    else:
+        with open(data_path, "wb") as f:
+            f.truncate(n * dim * 4)
+    matrix = np.memmap(data_path, dtype=np.float32, mode="r+", shape=(n, dim))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n, initial=done, desc="teacher embeddings", unit="sent", dynamic_ncols=True)
+    while done < n:
+        stop = min(done + chunk_rows, n)
+        matrix[done:stop] = teacher.encode(list(sentences[done:stop]), batch_size=batch_size, device=device,
+                                           amp=amp).numpy()
+        matrix.flush()
+        atomic_write_text(progress_path, json.dumps({"key": key, "rows_done": stop}))
+        if bar is not None:
+            bar.update(stop - done)
+        done = stop
+    if bar is not None:
+        bar.close()
+    del matrix
+    meta = {"key_fields": fields, "rows": n, "dim": dim, **file_record(data_path)}
+    atomic_write_text(meta_path, json.dumps(meta, indent=1))
+    progress_path.unlink(missing_ok=True)
+    return meta
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path):
+    """One builder per cache folder at a time (rows of ``ibkd reproduce --workers``, or two runs started
+    together, share a cache): the others wait here and then find it finished. An advisory ``flock``, so
+    a killed builder releases it; where ``fcntl`` does not exist (Windows) builds are not serialised."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(folder / "build.lock", "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def build_teacher_cache(teacher, sentences: Sequence[str], cache_dir, *, batch_size: int = 128,
                         device=None, amp: str = "auto", progress: bool = True,
                         chunk_rows: int = 2048, pca_dim: Optional[int] = None) -> np.ndarray:
@@ -91,47 +153,19 @@ def build_teacher_cache(teacher, sentences: Sequence[str], cache_dir, *, batch_s
     folder = Path(cache_dir) / key
     folder.mkdir(parents=True, exist_ok=True)
     clean_leftovers(folder)  # a cache_dir outside the output folder is not cleaned when the run claims it
-    data_path, progress_path, meta_path = folder / "embeddings.f32", folder / "progress.json", folder / "meta.json"
-    n, dim = len(sentences), teacher.dim
+    data_path, n, dim = folder / "embeddings.f32", len(sentences), teacher.dim
 
     meta = _finished_cache(folder, fields)
     if meta is not None:
         log.info("teacher cache hit: %s", folder)
     else:
-        done = 0
-        if progress_path.exists() and data_path.exists() and data_path.stat().st_size == n * dim * 4:
-            try:
-                state = json.loads(progress_path.read_text())
-                if state.get("key") == key:
-                    done = int(state["rows_done"])
-            except (json.JSONDecodeError, KeyError, ValueError):
-                done = 0
-        if done:
-            log.info("teacher cache: resuming at row %d of %d", done, n)
-        else:
-            with open(data_path, "wb") as f:
-                f.truncate(n * dim * 4)
-        matrix = np.memmap(data_path, dtype=np.float32, mode="r+", shape=(n, dim))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=n, initial=done, desc="teacher embeddings", unit="sent", dynamic_ncols=True)
-        while done < n:
-            stop = min(done + chunk_rows, n)
-            matrix[done:stop] = teacher.encode(list(sentences[done:stop]), batch_size=batch_size, device=device,
-                                               amp=amp).numpy()
-            matrix.flush()
-            atomic_write_text(progress_path, json.dumps({"key": key, "rows_done": stop}))
-            if bar is not None:
-                bar.update(stop - done)
-            done = stop
-        if bar is not None:
-            bar.close()
-        del matrix
-        meta = {"key_fields": fields, "rows": n, "dim": dim, **file_record(data_path)}
-        atomic_write_text(meta_path, json.dumps(meta, indent=1))
-        progress_path.unlink(missing_ok=True)
+        with _build_lock(folder):
+            meta = _finished_cache(folder, fields)  # another process may have finished it while this one waited
+            if meta is None:
+                meta = _build(folder, teacher, sentences, key, fields, batch_size=batch_size, device=device, amp=amp,
+                              progress=progress, chunk_rows=chunk_rows)
+            else:
+                log.info("teacher cache hit (built by another process meanwhile): %s", folder)
     embeddings = np.memmap(data_path, dtype=np.float32, mode="r", shape=(n, dim))
     if pca_dim:
         return pca_cached(embeddings, pca_dim, folder, source_sha256=meta["sha256"])
