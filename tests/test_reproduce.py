@@ -337,6 +337,28 @@ def test_rows_option_runs_only_the_requested_groups(workspace, monkeypatch):
     assert "| student, MSE (ibkd) |" in out
 
 
+def test_rows_on_two_workers_match_the_sequential_run(reproduced):
+    """--workers 2: the rows run in two spawned processes (1 thread each here, as the sequential run) and give
+    the sequential run's scores; the teacher cache is built once, before the workers start."""
+    root, spec, _, doc, _ = reproduced
+    par = json.loads(json.dumps(spec))
+    par["output_dir"] = str(root / "workers-out")
+    code, out, err = cli(["--config", write_config(root, par, "workers.yaml"), "--rows", "mse,st_mse",
+                          "--workers", "2", "--results", str(root / "workers.json"), "--readme", "none",
+                          "--no-progress"])
+    assert code == 0, err
+    assert "running up to 2 rows at once, 1 thread(s) each" in err
+    rows = {r["name"]: r for r in json.loads((root / "workers.json").read_text())["rows"]}
+    for old in doc["rows"]:
+        if old["group"] in ("mse", "st_mse"):
+            new = rows[old["name"]]
+            assert new["status"] == "done" and not new["reused"]
+            assert new["dev_spearman"] == pytest.approx(old["dev_spearman"], abs=1e-9), old["name"]
+    assert len([p for p in (root / "workers-out" / "teacher_cache").iterdir() if p.is_dir()]) == 1
+    code, _, err = cli(["--config", write_config(root, par, "workers.yaml"), "--workers", "0", "--readme", "none"])
+    assert code == 2 and "--workers must be a positive int" in err
+
+
 def test_quick_section_is_merged_over_the_config(tmp_path):
     spec = reproduce.load_spec(reproduce.DEFAULT_CONFIG, quick=True)  # the shipped config, by name
     assert spec["quick"] and spec["common"]["max_steps"] == 3 and spec["common"]["teacher"] == "default"

@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "common.data_dir, else $IBKD_DATA_DIR")
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated groups to run now ({','.join(GROUPS)}); finished rows are always reused")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="rows trained at once, each in its own process with num_threads/workers threads "
+                             "(overrides workers: of the config; default 1)")
     parser.add_argument("--results", default=None,
                         help="results JSON path (overrides results:; default <output_dir>/reproduce.json); the "
                              "Markdown and PNG are written beside it")
@@ -56,6 +59,10 @@ def _run_cli(args) -> int:
     spec = load_spec(args.config, quick=args.quick)
     if args.output_dir:
         spec["output_dir"] = args.output_dir
+    if args.workers is not None:
+        if args.workers < 1:
+            raise ReproduceError(f"--workers must be a positive int, got {args.workers}")
+        spec["workers"] = args.workers
     groups = None
     if args.rows:
         groups = [g.strip() for g in args.rows.split(",") if g.strip()]
@@ -73,6 +80,7 @@ def _run_cli(args) -> int:
         set_threads(spec.get("num_threads"))
         argv = ["reproduce", "--config", args.config] + (["--quick"] if args.quick else [])
         argv += (["--rows", args.rows] if args.rows else []) + (["--output_dir", args.output_dir] if args.output_dir else [])
+        argv += ["--workers", str(args.workers)] if args.workers is not None else []
         doc = run_plan(spec, groups=groups, data_dir=args.data_dir, progress=args.progress, argv=argv)
         atomic_json(results, doc)
     markdown = write_outputs(doc, results, readme)

@@ -17,6 +17,7 @@ from .gpu import run_gpu_timing
 from .rows import Context, Row, check_train_config, embedding_row, phase_one_rows, phase_three_rows, phase_two_rows
 from .run import execute, finished_result
 from .spec import ReproduceError
+from .workers import run_in_workers
 
 GROUPS = ("teacher", "none", "mse", "st_mse", "contrastive", "sweep", "study", "model2vec", "ibkd", "auto",
           "stage2_sweep", "finetune", "compact", "embedding", "gpu")
@@ -92,12 +93,20 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[st
     total = len(first) + len(second_stand_in) + max(0, len(ctx.spec.get("seeds", [1, 2, 3])) - 1)
     done = 0
 
+    workers = spec.get("workers") or 1
+
     def run_rows(rows: list[Row]) -> None:
         nonlocal done
+        items = []
         for row in rows:
             done += 1
             if row.group in wanted:
-                records[row.name] = execute(row, ctx, index=f"[{done}/{total}] ", records=records)
+                items.append((row, f"[{done}/{total}] "))
+        if workers > 1 and len(items) > 1:
+            run_in_workers(items, ctx, records, workers)
+            return
+        for row, index in items:
+            records[row.name] = execute(row, ctx, index=index, records=records)
 
     def record(row: Row) -> Optional[dict]:
         return records.get(row.name) or _stored(row, ctx)

@@ -15,7 +15,7 @@ from ...distill.config import ALIASES, ConfigError, TrainConfig, load_yaml_mappi
 #: the shipped config (``ibkd.configs``, ``configs/`` of a checkout) that ``--config`` defaults to
 DEFAULT_CONFIG = "reproduce-minilm"
 
-TOP_KEYS = {"output_dir", "results", "readme", "num_threads", "cache_dir", "sts_limit", "seeds",
+TOP_KEYS = {"output_dir", "results", "readme", "num_threads", "workers", "cache_dir", "sts_limit", "seeds",
             "eval_batch_size", "common", "sweep", "finetune", "compact", "embedding_comparison", "gpu_timing",
             "targets", "quick", "budget", "auto", "study", "st_mse", "model2vec", "stage2_sweep"}
 #: old top-level key -> its name now
@@ -135,6 +135,9 @@ def validate_spec(spec: dict, where: str = "config") -> None:
           and len(set(seeds)) == len(seeds), f"{where}: seeds must be a non-empty list of distinct ints, got {seeds!r}")
     threads = spec.get("num_threads")
     _need(threads is None or (isinstance(threads, int) and threads > 0), f"{where}: num_threads must be a positive int")
+    workers = spec.get("workers", 1)
+    _need(isinstance(workers, int) and not isinstance(workers, bool) and workers > 0,
+          f"{where}: workers must be a positive int (rows run at once), got {workers!r}")
     limit = spec.get("sts_limit")
     _need(limit is None or (isinstance(limit, int) and limit >= 2), f"{where}: sts_limit must be an int >= 2 or null")
     sweep = _check_keys(f"{where}: sweep", spec.get("sweep") or {}, SWEEP_KEYS)
