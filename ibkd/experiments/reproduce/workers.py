@@ -1,10 +1,10 @@
 """Several rows of one phase at once, each in its own process with its share of the threads.
 
 Why: a 2-layer student's training step at batch 256 (chunks of 32 sentences) uses two cores poorly. Measured
-on the 2-core CPU host (``bench`` of one bf16 step, default OpenMP policy): 1.13 s with 2 threads, against
-1.48-1.64 s for each of two 1-thread steps run side by side, i.e. 1.45x the rows per hour with two workers.
-A row's result does not depend on how many threads trained it (thread count is not in the row hash), so a
-row finished by a worker is the same row a sequential run would reuse, and the reverse.
+on the 2-core CPU host (the step of ``benchmarks/test_bench_length_chunks.py``, bf16, median of 6, default
+OpenMP policy): 1.13 s with 2 threads, against 1.48-1.64 s for each of two 1-thread steps run side by side,
+i.e. 1.45x the rows per hour with two workers. The thread count is not one of a row's settings (not in its
+hash): a row finished by a worker is reused by a sequential run, and the reverse.
 
 Rows are started in the plan's order; a row whose ``needs`` are still open waits for them. Workers are
 spawned (not forked: libgomp's thread pool does not survive a fork) and kept for the whole phase.
