@@ -5,7 +5,6 @@ of the current settings on disk (rows run now and rows reused from an earlier in
 from __future__ import annotations
 
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -15,7 +14,7 @@ from ..embedding import stsb_paths
 from .aggregate import assemble, choose
 from .gpu import run_gpu_timing
 from .rows import Context, Row, check_train_config, embedding_row, phase_one_rows, phase_three_rows, phase_two_rows
-from .run import execute, finished_result
+from .run import execute, finished_result, log_stderr
 from .spec import ReproduceError
 from .workers import run_in_workers
 
@@ -24,10 +23,6 @@ GROUPS = ("teacher", "none", "mse", "st_mse", "contrastive", "sweep", "study", "
 # groups a requested group needs first (the rows of these that are already finished are simply reused)
 NEEDS = {"ibkd": ("sweep", "auto"), "stage2_sweep": ("sweep", "auto"),
          "finetune": ("sweep", "auto", "stage2_sweep", "ibkd"), "compact": ("sweep", "auto")}
-
-
-def log_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def prepare_sts(spec: dict, output: Path, data_dir: str) -> dict:

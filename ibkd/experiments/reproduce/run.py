@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -61,6 +62,10 @@ def finished_result(folder: Path, config_hash: str) -> Optional[dict]:
     if doc.get("student_path"):
         doc["student"] = str(folder / doc["student_path"])
     return doc
+
+
+def log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def set_threads(n: Optional[int]) -> None:

@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Callable, Optional
 
 from .rows import Context, Row
-from .run import execute, finished_result, set_threads
+from .run import execute, finished_result, log_stderr, set_threads
 
 # the TrainConfig fields that decide which teacher cache a stage-1 row reads
 CACHE_FIELDS = ("teacher", "corpus", "corpus_column", "corpus_limit", "extra_stsb_sentences", "max_length",
@@ -65,19 +65,13 @@ def _worker_init(threads: int, progress: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def _log_stderr(message: str) -> None:
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
-
-
 def run_in_workers(items: list[tuple[Row, str]], ctx: Context, records: dict, workers: int,
                    log: Optional[Callable[[str], None]] = None) -> None:
     """Execute ``items`` (row, its progress label) on ``workers`` processes; each finished row's record
     goes into ``records`` under its name, as :func:`execute` returns it."""
     threads = threads_per_worker(ctx, workers)
     # what a worker receives must pickle: the log goes to stderr there, whatever the caller's callable is
-    wctx = dataclasses.replace(ctx, num_threads=threads, log=_log_stderr)
+    wctx = dataclasses.replace(ctx, num_threads=threads, log=log_stderr)
     log = log or ctx.log
     build_caches_first([row for row, _ in items], ctx)
     log(f"running up to {workers} rows at once, {threads} thread(s) each")
