@@ -348,7 +348,9 @@ def test_rows_on_two_workers_match_the_sequential_run(reproduced):
                           "--no-progress"])
     assert code == 0, err
     assert "running up to 2 rows at once, 1 thread(s) each" in err
-    rows = {r["name"]: r for r in json.loads((root / "workers.json").read_text())["rows"]}
+    par_doc = json.loads((root / "workers.json").read_text())
+    assert par_doc["settings"]["workers"] == 2 and "2 rows at a time, 1 thread(s) each" in out
+    rows = {r["name"]: r for r in par_doc["rows"]}
     for old in doc["rows"]:
         if old["group"] in ("mse", "st_mse"):
             new = rows[old["name"]]

@@ -210,6 +210,7 @@ def assemble(spec: dict, rows: list[dict], chosen: Optional[dict], gpu: dict, st
             "corpus": common.get("corpus"), "extra_stsb_sentences": common.get("extra_stsb_sentences"),
             "corpus_limit": common.get("corpus_limit"), "seeds": spec.get("seeds", [1, 2, 3]),
             "sts_limit": spec.get("sts_limit"), "num_threads": spec.get("num_threads"),
+            "workers": spec.get("workers") or 1,
             "eval_batch_size": spec.get("eval_batch_size", 128),
             "budget": spec.get("budget"), "finetune": spec.get("finetune"), "amp": common.get("amp", "off"),
         },

@@ -35,6 +35,13 @@ def _params(n) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
 
 
+def _workers(settings: dict) -> str:
+    n, threads = settings.get("workers") or 1, settings.get("num_threads")
+    if n == 1:
+        return ""
+    return f"; {n} rows at a time" + (f", {max(1, threads // n)} thread(s) each" if threads else "")
+
+
 def _duration(s) -> str:
     if not isinstance(s, (int, float)):
         return "—"
@@ -92,7 +99,8 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
     out += ["", f"Machine: {env.get('cpu')} ({env.get('cpu_count')} cores, {env.get('torch_threads')} torch threads), "
             f"torch {env.get('torch')}, transformers {env.get('transformers')}; commit {env.get('git_commit')}. "
             f"Command: `{env.get('command')}`; wall time {_duration(doc.get('wall_seconds'))} "
-            f"(row compute {_duration(doc.get('compute_seconds'))}, including rows reused from an earlier invocation). "
+            f"(row compute {_duration(doc.get('compute_seconds'))}, including rows reused from an earlier invocation"
+            f"{_workers(s)}). "
             f"Encode throughput: the better of the STS-B dev and test passes (batch "
             f"{s.get('eval_batch_size') or 128}, tokenization included) on a shared machine; compare it within a run."]
     if env.get("note"):  # an annotation of the run (e.g. other load on the machine), kept in the results JSON
