@@ -40,7 +40,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from helpers import any_backend, fused_backend, max_err, supports_dtype, unit_rows  # noqa: F401  (fixtures)
@@ -71,7 +71,11 @@ def fuzz(max_examples: int):
 
 def check(name, fused, expected, acc_reference, truth, out_dtype, magnitude=0.0):
     """``max|fused − expected| ≤ max(8·|acc_reference − truth|, rtol·max|expected|,
-    magnitude_rtol·magnitude) + 2u·max|expected| + atol`` (see the module docstring)."""
+    magnitude_rtol·magnitude) + 2u·max|expected| + atol + |expected − truth|`` (see the module docstring).
+
+    The last term is the half-precision reference's own error: a fused backend that is closer to float64
+    than the reference run in bf16/fp16 differs from it by up to that much (a CI fuzz case: bf16 HSIC
+    ``d z`` where the cpu backend matched float64 to the bf16 rounding and the bf16 reference was 2 ulps off)."""
     if expected is None:
         assert fused is None, f"{name}: unexpected gradient"
         return
@@ -83,6 +87,8 @@ def check(name, fused, expected, acc_reference, truth, out_dtype, magnitude=0.0)
     bound += OUTPUT_ROUNDING[out_dtype] * scale + OUTPUT_ATOL[out_dtype] + ATOL[acc]
     if out_dtype is torch.bfloat16:
         bound += BF16_TILE_ROUNDING * magnitude
+    if expected is not truth:
+        bound += max_err(expected, truth)
     err = max_err(fused, expected)
     assert err <= bound, (
         f"{name}: max abs error {err:.3g} > {bound:.3g} (max|expected| {scale:.3g}; "
@@ -279,6 +285,7 @@ def hsic_magnitude(x, z, kernel, normalized, gamma, gamma_z):
 
 
 @fuzz(30)
+@example(n=3, dx=77, dz=1, dtype=torch.bfloat16, kernel="rbf", normalized=True, gamma=0.5, gamma_z=None, seed=0)
 @given(
     n=st.sampled_from([2, 3, 65, 513]),
     dx=st.sampled_from(DIMS),
