@@ -16,7 +16,6 @@ import dataclasses
 import multiprocessing
 import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from typing import Callable, Optional
 
 from .rows import Context, Row
 from .run import execute, finished_result, log_stderr, set_threads
@@ -39,6 +38,7 @@ def build_caches_first(rows: list[Row], ctx: Context) -> None:
     from ...distill.inputs import corpus_sentences, load_teacher, teacher_vectors
     from ...distill.preflight import resolve_device
 
+    set_threads(ctx.num_threads)
     seen = set()
     for row in rows:
         if row.kind != "train" or row.train.get("stage") != "distill" or row.train.get("method") == "none":
@@ -52,7 +52,6 @@ def build_caches_first(rows: list[Row], ctx: Context) -> None:
         cfg = TrainConfig.from_dict({**row.train, "output_dir": str(ctx.output / row.name)})
         if cfg.teacher_embeddings:
             continue
-        set_threads(ctx.num_threads)
         ctx.log(f"teacher cache for {row.name} and the rows that share it ...")
         teacher_vectors(cfg, load_teacher(cfg), corpus_sentences(cfg), resolve_device(cfg.device))
 
@@ -65,16 +64,14 @@ def _worker_init(threads: int, progress: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def run_in_workers(items: list[tuple[Row, str]], ctx: Context, records: dict, workers: int,
-                   log: Optional[Callable[[str], None]] = None) -> None:
+def run_in_workers(items: list[tuple[Row, str]], ctx: Context, records: dict, workers: int) -> None:
     """Execute ``items`` (row, its progress label) on ``workers`` processes; each finished row's record
     goes into ``records`` under its name, as :func:`execute` returns it."""
     threads = threads_per_worker(ctx, workers)
     # what a worker receives must pickle: the log goes to stderr there, whatever the caller's callable is
     wctx = dataclasses.replace(ctx, num_threads=threads, log=log_stderr)
-    log = log or ctx.log
     build_caches_first([row for row, _ in items], ctx)
-    log(f"running up to {workers} rows at once, {threads} thread(s) each")
+    ctx.log(f"running up to {workers} rows at once, {threads} thread(s) each")
     pending = list(items)
     running: dict[Future, Row] = {}
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
@@ -86,7 +83,7 @@ def run_in_workers(items: list[tuple[Row, str]], ctx: Context, records: dict, wo
                 if len(running) >= workers:
                     break
                 row, index = item
-                blocked = [n for n in row.info.get("needs", []) if n in open_names and n != row.name]
+                blocked = any(n in open_names for n in row.info.get("needs", []))
                 if blocked and (running or item is not pending[0]):
                     continue  # waits for its parent rows (with nothing running, execute reports them missing)
                 train = {**row.train, "num_threads": threads} if row.train else row.train
@@ -101,7 +98,7 @@ def run_in_workers(items: list[tuple[Row, str]], ctx: Context, records: dict, wo
                     records[row.name] = future.result()
                 except Exception as exc:  # noqa: BLE001 - a dead worker costs its row, not the phase
                     message = f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    log(f"{row.name}: FAILED in its worker ({message})")
+                    ctx.log(f"{row.name}: FAILED in its worker ({message})")
                     records[row.name] = {"name": row.name, "group": row.group, "kind": row.kind, "seed": row.seed,
                                          "config_hash": row.config_hash(), **row.info, "status": "failed",
                                          "reason": message}
