@@ -1,5 +1,6 @@
 """Render benchmark results: ``benchmarks/results/*.json`` → ``results/RESULTS.md`` and one PNG per
-results file (time and peak extra memory per case), optionally into a marked README section.
+results file (time and peak extra memory per case), the training-step runs as tables, optionally into a
+marked README section.
 
     python benchmarks/render.py                      # writes results/RESULTS.md and results/<id>.png
     python benchmarks/render.py --readme README.md   # also replaces <!-- bench:start --> … <!-- bench:end -->
@@ -52,7 +53,7 @@ def load_results(results_dir: str, protocol_only: bool = False) -> list[tuple[st
             doc = json.load(f)
         if not (isinstance(doc, dict) and "cases" in doc and "machine" in doc):
             continue
-        if protocol_only and not is_protocol(doc):
+        if protocol_only and not (is_protocol(doc) or is_train_step(doc)):
             continue
         docs.append((path, doc))
     return docs
@@ -60,6 +61,44 @@ def load_results(results_dir: str, protocol_only: bool = False) -> list[tuple[st
 
 def is_protocol(doc: dict) -> bool:
     return str(doc.get("schema", "")).startswith("protocol")
+
+
+def is_train_step(doc: dict) -> bool:
+    return doc.get("kind") == "train-step"
+
+
+# ---------------------------------------------------------------------------- training-step runs
+
+
+def train_step_markdown(doc: dict, stem: str) -> str:
+    """One table per training-step run (test_bench_train_step.py): sentences/s and peak RSS, reference vs
+    fused loss, from the medians the run recorded."""
+    s, ceil = doc.get("settings", {}), doc.get("ceiling", {})
+    moved = ", ".join(f"{k} {v:.0%}" for k, v in (doc.get("ceiling_moved") or {}).items())
+    rate = lambda side: ", ".join(f"{k} {v:.0f}" for k, v in (ceil.get(side, {}).get("gflops") or {}).items())
+    out = [f"### Training step: `{stem}`", "",
+           f"Machine: {machine_line(doc)}; {s.get('threads')} threads, OpenMP wait policy "
+           f"{s.get('omp_wait_policy')}; run {doc.get('started_at')} → {doc.get('finished_at')}. "
+           f"Step: {s.get('student')}, max length {s.get('max_length')}, {s.get('loss')}, GradCache chunk "
+           f"{s.get('grad_cache_chunk')}, length chunk {s.get('length_chunk_size') or 'none (padded)'}, {s.get('optimizer')}; median of "
+           f"{s.get('rounds')} interleaved rounds. GEMM ceiling (GFLOP/s) start: {rate('start')}; end: {rate('end')} "
+           f"(moved: {moved or '—'}).", ""]
+    if doc.get("note"):
+        out += [f"Note: {doc['note']}", ""]
+    out += ["| B | dtype | step, reference → fused loss | sentences/s, reference → fused | gain | loss alone, reference → fused "
+            "| loss share of the reference step | peak RSS, reference → fused |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for c in doc.get("cases", []):
+        ref, fused = c["peers"].get("reference", {}), c["peers"].get("cpu", {})
+        if not ref.get("median_s") or not fused.get("median_s"):
+            continue
+        gain = ref["median_s"] / fused["median_s"] - 1
+        peak = lambda p: (p.get("memory") or {}).get("peak_bytes")
+        out.append(f"| {c['batch']} | {c['dtype']} | {_fmt_time(ref['median_s'])} → {_fmt_time(fused['median_s'])} "
+                   f"| {ref['sentences_per_s']:.1f} → {fused['sentences_per_s']:.1f} | {gain:+.1%} "
+                   f"| {_fmt_time(ref.get('loss_only_median_s'))} → {_fmt_time(fused.get('loss_only_median_s'))} "
+                   f"| {100 * (ref.get('loss_share') or 0):.1f}% | {_fmt_bytes(peak(ref))} → {_fmt_bytes(peak(fused))} |")
+    return "\n".join(out) + "\n"
 
 
 # ---------------------------------------------------------------------------- protocol runs
@@ -288,6 +327,9 @@ def render(results_dir: str, image_prefix: str = "", protocol_only: bool = False
         if is_protocol(doc):
             protocol_plot(doc, os.path.join(results_dir, stem + ".png"))
             out.append(protocol_markdown(doc, stem, image_prefix))
+            continue
+        if is_train_step(doc):
+            out.append(train_step_markdown(doc, stem))
             continue
         legacy = True
         plot(doc, os.path.join(results_dir, stem + ".png"))

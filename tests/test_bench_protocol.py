@@ -28,3 +28,25 @@ def test_one_rate_that_moved_more_than_the_limit_marks_the_run_noisy():
 def test_nothing_to_compare_is_noisy():
     assert protocol.judge_noise(_doc({"sgemm_mkl": 200.0}, {})) is True
     assert protocol.judge_noise({"ceiling": {}}) is True
+
+
+def test_train_step_runs_render_as_a_table_of_both_losses(tmp_path):
+    import json
+
+    import render
+
+    case = {"batch": 4096, "dtype": "float32", "peers": {
+        "reference": {"median_s": 40.0, "sentences_per_s": 102.4, "loss_only_median_s": 2.0, "loss_share": 0.05,
+                      "memory": {"peak_bytes": 3 * 2**30}},
+        "cpu": {"median_s": 32.0, "sentences_per_s": 128.0, "loss_only_median_s": 0.5, "loss_share": 0.016,
+                "memory": {"peak_bytes": 2 * 2**30}}}}
+    doc = {"schema": 1, "kind": "train-step", "machine": {"cpu_model": "X", "cpu_count": 2, "torch_threads": 2},
+           "settings": {"threads": 2, "omp_wait_policy": "default", "length_chunk_size": 32, "rounds": 3},
+           "ceiling": {"start": {"gflops": {"sgemm_mkl": 100.0}}, "end": {"gflops": {"sgemm_mkl": 101.0}}},
+           "ceiling_moved": {"sgemm_mkl": 0.01}, "cases": [case]}
+    (tmp_path / "train-step-x.json").write_text(json.dumps(doc))
+    (tmp_path / "train-step-x-noisy.json").write_text(json.dumps(doc))  # never rendered
+    md = render.render(str(tmp_path), protocol_only=True)
+    assert md.count("### Training step") == 1 and "`train-step-x`" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 4096 |"))
+    assert "102.4 → 128.0" in row and "+25.0%" in row and "5.0%" in row and "3.00 GiB → 2.00 GiB" in row
