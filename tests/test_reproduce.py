@@ -369,7 +369,7 @@ def test_quick_section_is_merged_over_the_config(tmp_path):
     # an installed copy writes nowhere but the output folder: no README, no results path of the checkout
     assert not spec.get("readme") and not spec.get("results")
     full = reproduce.load_spec(reproduce.config_path())
-    assert full["common"]["max_steps"] == 300 and len(full["sweep"]["settings"]) == 4 and not full["quick"]
+    assert full["common"]["max_steps"] == 300 and len(full["sweep"]["settings"]) == 3 and not full["quick"]
     assert full["common"]["amp"] == "bf16" and full["compact"]["distill"]["compact_init"] == "pca"
     assert full["common"]["per_device_train_batch_size"] == 256 and "batch_size" not in full["common"]
 
