@@ -53,6 +53,8 @@ def load_results(results_dir: str, protocol_only: bool = False) -> list[tuple[st
             doc = json.load(f)
         if not (isinstance(doc, dict) and "cases" in doc and "machine" in doc):
             continue
+        if not (is_protocol(doc) or doc.get("kind")):
+            continue  # rendered by its own benchmark's notes (e.g. the length-chunks A/B)
         if protocol_only and not (is_protocol(doc) or is_train_step(doc)):
             continue
         docs.append((path, doc))

@@ -46,6 +46,8 @@ def test_train_step_runs_render_as_a_table_of_both_losses(tmp_path):
            "ceiling_moved": {"sgemm_mkl": 0.01}, "cases": [case]}
     (tmp_path / "train-step-x.json").write_text(json.dumps(doc))
     (tmp_path / "train-step-x-noisy.json").write_text(json.dumps(doc))  # never rendered
+    (tmp_path / "length-chunks-x.json").write_text(json.dumps({"machine": {}, "cases": []}))  # its own notes
+    assert render.render(str(tmp_path)) == render.render(str(tmp_path), protocol_only=True)
     md = render.render(str(tmp_path), protocol_only=True)
     assert md.count("### Training step") == 1 and "`train-step-x`" in md
     row = next(line for line in md.splitlines() if line.startswith("| 4096 |"))
