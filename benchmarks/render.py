@@ -90,12 +90,12 @@ def train_step_markdown(doc: dict, stem: str) -> str:
     out += ["| B | dtype | step, reference → fused loss | sentences/s, reference → fused | gain | loss alone, reference → fused "
             "| loss share of the reference step | peak RSS, reference → fused |",
             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    peak = lambda p: (p.get("memory") or {}).get("peak_bytes")
     for c in doc.get("cases", []):
         ref, fused = c["peers"].get("reference", {}), c["peers"].get("cpu", {})
         if not ref.get("median_s") or not fused.get("median_s"):
             continue
         gain = ref["median_s"] / fused["median_s"] - 1
-        peak = lambda p: (p.get("memory") or {}).get("peak_bytes")
         out.append(f"| {c['batch']} | {c['dtype']} | {_fmt_time(ref['median_s'])} → {_fmt_time(fused['median_s'])} "
                    f"| {ref['sentences_per_s']:.1f} → {fused['sentences_per_s']:.1f} | {gain:+.1%} "
                    f"| {_fmt_time(ref.get('loss_only_median_s'))} → {_fmt_time(fused.get('loss_only_median_s'))} "
