@@ -44,7 +44,8 @@ class CPUBackend(Backend):
         if self._ext is None:
             return (
                 f"the compiled extension ibkd._C is not built: {_IMPORT_ERROR}; "
-                "rebuild with pip install --no-build-isolation -e ."
+                "rebuild it against the installed torch, without IBKD_SKIP_EXT: pip install --no-build-isolation ibkd "
+                "(in a checkout: pip install --no-build-isolation -e .)"
             )
         return None
 

@@ -32,7 +32,8 @@ def _load_kernels():
     except Exception as e:  # not built, or built against another torch
         return None, (
             f"the compiled extension ibkd._C is not importable ({type(e).__name__}: {e}); "
-            "build it with pip install --no-build-isolation -e ."
+            "build it against the installed torch, without IBKD_SKIP_EXT: pip install --no-build-isolation ibkd "
+            "(in a checkout: pip install --no-build-isolation -e .)"
         )
     if not getattr(_C, "with_cuda", False) or not hasattr(_C, "cuda"):
         return None, _NOT_BUILT
