@@ -544,6 +544,25 @@ def test_bf16_gemm_is_active_on_avx512_bf16_machines():
     assert BF16_INFO["bf16_gemm_active"], BF16_INFO["bf16_gemm"]
 
 
+def test_gemm_routes_follow_what_this_cpu_supports():
+    # AVX2-only CPUs (AMD EPYC Zen 3, 2026-12-03): torch's mkldnn_matmul refuses float32 and oneDNN's bf16
+    # GEMM is a ~1 GFLOP/s reference loop. The probe must fall back to ATen, say why, and keep bf16 upcast.
+    info = _C.cpu_gemm_info()
+    assert info["onednn_available"] == (info["onednn"] == "oneDNN float32 matmul"), info
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    if flags and " avx512bw" not in flags and " avx_ne_convert" not in flags:
+        assert not info["onednn_available"] and "refused" in info["onednn"], info
+    if not info["native_bf16"]:
+        assert not info["bf16_gemm_available"] and "native bf16" in info["bf16_gemm"], info
+    if flags:
+        assert info["native_bf16"] == (" avx512_bf16" in flags or " amx_bf16" in flags), info
+    # whatever the route, the tile GEMM is exact float32 (float64 reference)
+    a, b = torch.randn(65, 384, dtype=torch.float64), torch.randn(384, 70, dtype=torch.float64)
+    out = torch.full((65, 70), float("nan"))
+    _C.tile_gemm(out, a.float(), b.float(), 0.0, 1.0)
+    torch.testing.assert_close(out.double(), a.float().double() @ b.float().double(), rtol=1e-5, atol=1e-4)
+
+
 def test_bf16_tile_gemm_matches_float64():
     # fuzzed shapes (1 … 300, ones), both transpositions of each operand, alpha/beta, NaN in a beta = 0 output
     g = torch.Generator().manual_seed(12)

@@ -30,6 +30,20 @@
 
 namespace ibkd {
 namespace cpu {
+
+// Native bf16 arithmetic (AVX512-BF16 or AMX-BF16), as the OS exposes it. Without it oneDNN's
+// dnnl_gemm_bf16bf16f32 falls back to a reference loop: 1.1 GFLOP/s on 2 threads of an AVX2-only AMD
+// EPYC (Zen 3), against 130-160 for the upcast float32 GEMM (measured 2026-12-03, 1024×384 @ 384×1024),
+// so the bf16 kernels upcast there. (CPUs with AVX-512 but no BF16 are not measured: they upcast too.)
+bool cpu_has_native_bf16() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
+}
+
 namespace {
 
 using MkldnnMatmul = void (*)(const Tensor& mat1, const Tensor& mat2, const Tensor& result, float beta,
@@ -200,6 +214,11 @@ std::string self_test(DnnlGemmBf16 fn) {
 
 Bf16Gemm resolve_bf16_gemm() {
   Bf16Gemm g;
+  if (!cpu_has_native_bf16()) {
+    g.status = "this CPU has no native bf16 (AVX512-BF16 / AMX-BF16): oneDNN's bf16 GEMM would run its "
+               "reference loop, so bf16 inputs are upcast to float32";
+    return g;
+  }
 #ifdef IBKD_BF16_GEMM_LOOKUP
   const char* exported = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
   std::vector<uintptr_t> addr;
@@ -292,10 +311,48 @@ void gemm_bf16(const Tensor& out, const Tensor& a, const Tensor& b, double beta,
   TORCH_CHECK(st == 0, "gemm_bf16: dnnl_gemm_bf16bf16f32 returned status ", st);
 }
 
+namespace {
+
+// at::native::mkldnn_matmul refuses float32 on CPUs without AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT: it
+// checks oneDNN's bf16 device support for float32 too ("mkldnn_matmul bf16 path needs the cpu support
+// ..."), since ATen itself only calls it for float32 in its bf32 mode. An AVX2-only CPU (seen
+// 2026-12-03: AMD EPYC Zen 3) raised that error from every fused float32 call. So the route is probed
+// once, on a 2×3 @ 3×2 product with NaN in the output (beta = 0 must overwrite it), and any refusal or
+// wrong result leaves the kernels on ATen's addmm (MKL), which is the right GEMM there anyway:
+// oneDNN's float32 advantage was its AVX-512 code path.
+std::string probe_onednn_float32() {
+  try {
+    const Tensor a = at::arange(6, at::kFloat).reshape({2, 3});
+    const Tensor b = at::arange(6, at::kFloat).reshape({3, 2});
+    Tensor out = at::full({2, 2}, std::nan(""), at::kFloat);
+    mkldnn_matmul_fn()(a, b, out, 0.0f, 1.0f);
+    if (!at::equal(out, at::mm(a, b))) return "oneDNN's float32 matmul gave a wrong result in its self-test";
+  } catch (const std::exception& e) {
+    std::string what = e.what();
+    return "oneDNN's float32 matmul refused this CPU (" + what.substr(0, what.find('\n')) + ")";
+  }
+  return "";
+}
+
+const std::string& onednn_float32_probe() {
+  static const std::string status = probe_onednn_float32();
+  return status;
+}
+
+}  // namespace
+
+std::string onednn_gemm_status() {
+  if (mkldnn_matmul_fn() == nullptr) return "at::native::mkldnn_matmul is not exported by this torch";
+  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) return "oneDNN is disabled in torch";
+  const std::string& probe = onednn_float32_probe();
+  return probe.empty() ? "oneDNN float32 matmul" : probe;
+}
+
 bool onednn_gemm_available() {
   if (mkldnn_matmul_fn() == nullptr || !at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn()) {
     return false;
   }
+  if (!onednn_float32_probe().empty()) return false;
   // oneDNN may trade float32 exactness for speed (bf16/tf32) when torch's float32 matmul precision
   // is lowered; the kernels promise float32 GEMMs, so they use MKL then.
   const auto p = at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL);

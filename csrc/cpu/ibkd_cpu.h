@@ -97,12 +97,14 @@ void parallel_chunks(int64_t n, const ChunkPlan& plan, const Body& body) {
 // out = beta·out + alpha·(a @ b) for 2-D (possibly transposed) views; see gemm.cpp.
 void gemm(const Tensor& out, const Tensor& a, const Tensor& b, double beta, double alpha);
 bool onednn_gemm_available();
+std::string onednn_gemm_status();  // why oneDNN float32 is (not) used
 bool onednn_gemm_active();
 
 // out (float32) = beta·out + alpha·(a @ b) for bfloat16 a, b (2-D, possibly transposed views), float32
 // accumulation; see gemm.cpp. bf16_gemm_active(): the bf16 kernels use it (else they upcast).
 void gemm_bf16(const Tensor& out, const Tensor& a, const Tensor& b, double beta, double alpha);
 bool bf16_gemm_available();
+bool cpu_has_native_bf16();  // AVX512-BF16 or AMX-BF16
 bool bf16_gemm_active();
 std::string bf16_gemm_status();
 

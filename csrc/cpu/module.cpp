@@ -24,7 +24,9 @@ pybind11::dict cpu_gemm_info() {
   pybind11::dict d;
   d["onednn_available"] = ibkd::cpu::onednn_gemm_available();
   d["onednn_active"] = ibkd::cpu::onednn_gemm_active();
+  d["onednn"] = ibkd::cpu::onednn_gemm_status();
   d["avx512_epilogues"] = ibkd::cpu::simd::avx512_enabled();
+  d["native_bf16"] = ibkd::cpu::cpu_has_native_bf16();
   d["bf16_gemm_available"] = ibkd::cpu::bf16_gemm_available();
   d["bf16_gemm_active"] = ibkd::cpu::bf16_gemm_active();
   d["bf16_gemm"] = ibkd::cpu::bf16_gemm_status();
