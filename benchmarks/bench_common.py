@@ -150,6 +150,7 @@ def make_step(case: Case):
 def machine_info(device: str) -> dict:
     info = {
         "cpu_model": cpu_name(),
+        "cpu_capability": cpu_capability(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -183,12 +184,25 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def cpu_capability() -> str:
+    """The vector ISA torch dispatches to on this CPU (AVX2, AVX512, ...)."""
+    try:
+        return torch.backends.cpu.get_cpu_capability()
+    except Exception:
+        return "unknown"
+
+
 def machine_id(device: str) -> str:
-    """A file-name-safe id of the machine kind (no hostname): cpu model + cores, or the GPU name."""
+    """A file-name-safe id of the machine kind (no hostname): cpu model + cores + vector ISA, or the GPU name.
+
+    The ISA is part of the id because one cloud CPU name covers different machines: "AMD EPYC" with 2
+    cores was an AVX-512 Zen 5 until 2026-12-03, then an AVX2-only Zen 3 whose GEMM routes differ
+    (no oneDNN float32, no native bf16; see csrc/cpu/gemm.cpp). Files named before that
+    (``...-cpu-amd-epyc-2c.json``, no ISA) are the AVX-512 machine's."""
     if device == "cuda" and torch.cuda.is_available():
         base = "gpu-" + torch.cuda.get_device_name(0)
     else:
-        base = f"cpu-{cpu_name()}-{os.cpu_count()}c"
+        base = f"cpu-{cpu_name()}-{os.cpu_count()}c-{cpu_capability()}"
     return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
 
 

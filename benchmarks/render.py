@@ -72,34 +72,64 @@ def is_train_step(doc: dict) -> bool:
 # ---------------------------------------------------------------------------- training-step runs
 
 
+def _rates(ceiling: dict, side: str) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in ((ceiling or {}).get(side, {}) or {}).get("gflops", {}).items())
+
+
+def _case_bracket(c: dict) -> str:
+    """A case's own ceiling bracket (schema 2): MKL sgemm before → after and the largest move."""
+    ceil, moved = c.get("ceiling") or {}, c.get("ceiling_moved") or {}
+    before = ((ceil.get("start") or {}).get("gflops") or {}).get("sgemm_mkl")
+    after = ((ceil.get("end") or {}).get("gflops") or {}).get("sgemm_mkl")
+    if before is None or after is None:
+        return "—"
+    return f"{before:.0f} → {after:.0f} (max move {max(moved.values(), default=0):.0%})"
+
+
 def train_step_markdown(doc: dict, stem: str) -> str:
-    """One table per training-step run (test_bench_train_step.py): sentences/s and peak RSS, reference vs
-    fused loss, from the medians the run recorded."""
-    s, ceil = doc.get("settings", {}), doc.get("ceiling", {})
-    moved = ", ".join(f"{k} {v:.0%}" for k, v in (doc.get("ceiling_moved") or {}).items())
-    rate = lambda side: ", ".join(f"{k} {v:.0f}" for k, v in (ceil.get(side, {}).get("gflops") or {}).items())
+    """One table per training-step results file (test_bench_train_step.py): sentences/s and peak RSS,
+    reference vs fused loss, from the medians recorded. Schema 2 files merge quiet cases of several runs,
+    each case with its own ceiling bracket; schema 1 files are one run with one bracket."""
+    s = doc.get("settings", {})
     out = [f"### Training step: `{stem}`", "",
            f"Machine: {machine_line(doc)}; {s.get('threads')} threads, OpenMP wait policy "
-           f"{s.get('omp_wait_policy')}; run {doc.get('started_at')} → {doc.get('finished_at')}. "
-           f"Step: {s.get('student')}, max length {s.get('max_length')}, {s.get('loss')}, GradCache chunk "
-           f"{s.get('grad_cache_chunk')}, length chunk {s.get('length_chunk_size') or 'none (padded)'}, {s.get('optimizer')}; median of "
-           f"{s.get('rounds')} interleaved rounds. GEMM ceiling (GFLOP/s) start: {rate('start')}; end: {rate('end')} "
-           f"(moved: {moved or '—'}).", ""]
-    if doc.get("note"):
-        out += [f"Note: {doc['note']}", ""]
-    out += ["| B | dtype | step, reference → fused loss | sentences/s, reference → fused | gain | loss alone, reference → fused "
-            "| loss share of the reference step | peak RSS, reference → fused |",
-            "|---:|---|---:|---:|---:|---:|---:|---:|"]
+           f"{s.get('omp_wait_policy')}. Step: {s.get('student')}, max length {s.get('max_length')}, {s.get('loss')}, "
+           f"GradCache chunk {s.get('grad_cache_chunk')}, length chunk {s.get('length_chunk_size') or 'none (padded)'}, "
+           f"{s.get('optimizer')}; median of {s.get('rounds')} interleaved rounds."]
+    per_case = doc.get("schema") == 2
+    if per_case:
+        runs = doc.get("runs") or []
+        out[-1] += (" Every case was timed between two measurements of the GEMM ceiling and is published only "
+                    "if no rate moved by more than 20 % (column *ceiling*: MKL sgemm GFLOP/s before → after). "
+                    "Runs: " + "; ".join(f"{r.get('started_at')} → {r.get('finished_at', '(stopped)')}"
+                                         + (f" ({r['note']})" if r.get("note") else "") for r in runs) + ".")
+    else:
+        moved = ", ".join(f"{k} {v:.0%}" for k, v in (doc.get("ceiling_moved") or {}).items())
+        ceil = doc.get("ceiling", {})
+        out[-1] += (f" Run {doc.get('started_at')} → {doc.get('finished_at')}; GEMM ceiling (GFLOP/s) start: "
+                    f"{_rates(ceil, 'start')}; end: {_rates(ceil, 'end')} (moved: {moved or '—'}).")
+        if doc.get("note"):
+            out += ["", f"Note: {doc['note']}"]
+    out.append("")
+    header = ("| B | dtype | step, reference → fused loss | sentences/s, reference → fused | gain | loss alone, reference → fused "
+              "| loss share of the reference step | peak RSS, reference → fused |")
+    rule = "|---:|---|---:|---:|---:|---:|---:|---:|"
+    if per_case:
+        header, rule = header + " measured | ceiling |", rule + "---|---:|"
+    out += [header, rule]
     peak = lambda p: (p.get("memory") or {}).get("peak_bytes")
     for c in doc.get("cases", []):
         ref, fused = c["peers"].get("reference", {}), c["peers"].get("cpu", {})
         if not ref.get("median_s") or not fused.get("median_s"):
             continue
         gain = ref["median_s"] / fused["median_s"] - 1
-        out.append(f"| {c['batch']} | {c['dtype']} | {_fmt_time(ref['median_s'])} → {_fmt_time(fused['median_s'])} "
-                   f"| {ref['sentences_per_s']:.1f} → {fused['sentences_per_s']:.1f} | {gain:+.1%} "
-                   f"| {_fmt_time(ref.get('loss_only_median_s'))} → {_fmt_time(fused.get('loss_only_median_s'))} "
-                   f"| {100 * (ref.get('loss_share') or 0):.1f}% | {_fmt_bytes(peak(ref))} → {_fmt_bytes(peak(fused))} |")
+        row = (f"| {c['batch']} | {c['dtype']} | {_fmt_time(ref['median_s'])} → {_fmt_time(fused['median_s'])} "
+               f"| {ref['sentences_per_s']:.1f} → {fused['sentences_per_s']:.1f} | {gain:+.1%} "
+               f"| {_fmt_time(ref.get('loss_only_median_s'))} → {_fmt_time(fused.get('loss_only_median_s'))} "
+               f"| {100 * (ref.get('loss_share') or 0):.1f}% | {_fmt_bytes(peak(ref))} → {_fmt_bytes(peak(fused))} |")
+        if per_case:
+            row += f" {str(c.get('measured_at', ''))[:16]} | {_case_bracket(c)} |"
+        out.append(row)
     return "\n".join(out) + "\n"
 
 
