@@ -150,7 +150,9 @@ def protocol_markdown(doc: dict, stem: str, image_prefix: str) -> str:
     start = (doc["ceiling"].get("start") or {}).get("gflops") or {}
     end = (doc["ceiling"].get("end") or {}).get("gflops") or {}
     moved = doc.get("ceiling_moved") or {}
-    names = {"sgemm_mkl": "float32 torch.mm (MKL)", "sgemm_kernel_tile_gemm": "float32 kernel tile GEMM (oneDNN)",
+    gemm_info = (doc["ceiling"].get("start") or {}).get("gemm_info") or {}
+    tile_route = "oneDNN" if gemm_info.get("onednn_active", True) else "ATen/MKL"  # older runs: oneDNN
+    names = {"sgemm_mkl": "float32 torch.mm (MKL)", "sgemm_kernel_tile_gemm": f"float32 kernel tile GEMM ({tile_route})",
              "bf16_gemm_torch": "bf16 torch.mm (oneDNN)"}
     out = [f"### CPU protocol run: `{stem}`", ""]
     out.append(f"Machine: {machine_line(doc)}; {doc['threads']} threads; run {doc.get('started_at')} → "
@@ -159,6 +161,8 @@ def protocol_markdown(doc: dict, stem: str, image_prefix: str) -> str:
     out.append("GEMM ceiling at 4096×384 @ 384×4096 (GFLOP/s, start → end, moved): " + "; ".join(
         f"{names.get(k, k)} {start[k]:.0f} → {end.get(k, float('nan')):.0f} ({_pct(moved.get(k))})" for k in start))
     out.append("")
+    if doc.get("skipped"):
+        out += ["Not measured: " + "; ".join(f"`{s['key']}` ({s['reason']})" for s in doc["skipped"]) + ".", ""]
     if doc.get("targets"):
         out += ["Targets (issue 14; fp32: default wait policy, the lead must also hold under PASSIVE):", "",
                 "| case | fused vs | target | default | PASSIVE | result | memory fused/eager | target | result |",
@@ -255,7 +259,8 @@ PENDING = ("_The CPU numbers await a run of the benchmark protocol on a quiet ma
 
 def machine_line(doc: dict) -> str:
     m = doc["machine"]
-    parts = [f"{m.get('cpu_model')} ({m.get('cpu_count')} cores, {m.get('torch_threads')} torch threads)"]
+    isa = f", {m['cpu_capability']}" if m.get("cpu_capability") else ""
+    parts = [f"{m.get('cpu_model')} ({m.get('cpu_count')} cores{isa}, {m.get('torch_threads')} torch threads)"]
     if m.get("gpu"):
         parts.insert(0, f"{m['gpu']} (driver {m.get('driver')}, CUDA {m.get('cuda')})")
     parts.append(f"torch {m.get('torch')}, triton {m.get('triton')}")
