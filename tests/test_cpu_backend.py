@@ -563,6 +563,19 @@ def test_gemm_routes_follow_what_this_cpu_supports():
     torch.testing.assert_close(out.double(), a.float().double() @ b.float().double(), rtol=1e-5, atol=1e-4)
 
 
+def test_epilogues_take_the_widest_vector_isa_of_this_cpu():
+    # AVX-512 where present, else AVX2+FMA (the AVX2-only AMD EPYC), else scalar; simd=0 forces scalar.
+    # The numerical checks of every version are the kernel tests above (default vs the mkl_scalar tiling).
+    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
+    info = _C.cpu_gemm_info()
+    if flags:
+        expected = "avx512" if " avx512f" in flags else "avx2+fma" if (" avx2" in flags and " fma" in flags) else "scalar"
+        assert info["epilogues"] == expected, info
+    with cpu_tuning(simd=0):
+        assert _C.cpu_gemm_info()["epilogues"] == "scalar"
+    assert _C.cpu_gemm_info()["epilogues"] == info["epilogues"]
+
+
 def test_bf16_tile_gemm_matches_float64():
     # fuzzed shapes (1 … 300, ones), both transpositions of each operand, alpha/beta, NaN in a beta = 0 output
     g = torch.Generator().manual_seed(12)

@@ -26,6 +26,7 @@ pybind11::dict cpu_gemm_info() {
   d["onednn_active"] = ibkd::cpu::onednn_gemm_active();
   d["onednn"] = ibkd::cpu::onednn_gemm_status();
   d["avx512_epilogues"] = ibkd::cpu::simd::avx512_enabled();
+  d["epilogues"] = std::string(ibkd::cpu::simd::epilogue_isa());
   d["native_bf16"] = ibkd::cpu::cpu_has_native_bf16();
   d["bf16_gemm_available"] = ibkd::cpu::bf16_gemm_available();
   d["bf16_gemm_active"] = ibkd::cpu::bf16_gemm_active();
@@ -59,7 +60,7 @@ pybind11::dict cpu_tuning() {
   d["infonce_tile_kib"] = t.infonce_tile_kib;
   d["onednn"] = t.onednn;
   d["bf16_gemm"] = t.bf16_gemm;
-  d["simd"] = (int64_t)ibkd::cpu::simd::avx512_enabled();
+  d["simd"] = (int64_t)ibkd::cpu::simd::vector_enabled();
   return d;
 }
 
@@ -72,7 +73,7 @@ void set_cpu_tuning(const std::string& name, int64_t value) {
     } else if (name == "bf16_gemm") {
       t.bf16_gemm = value;
     } else {
-      ibkd::cpu::simd::set_avx512_enabled(value != 0);
+      ibkd::cpu::simd::set_vector_enabled(value != 0);
     }
     return;
   }

@@ -1,5 +1,5 @@
-// Element-wise epilogues of the float32 CPU kernels (see simd.h): AVX-512 versions selected at run
-// time, scalar versions otherwise. Only standard headers here (see simd.h for why).
+// Element-wise epilogues of the float32 CPU kernels (see simd.h): AVX-512 or AVX2+FMA versions
+// selected at run time, scalar versions otherwise (and for the bf16 rounding without AVX-512). Only standard headers here (see simd.h for why).
 #include "simd.h"
 
 #include <immintrin.h>
@@ -15,9 +15,20 @@ namespace cpu {
 namespace simd {
 namespace {
 
+// The vector epilogues are on unless set_cpu_tuning("simd", 0); which ones run depends on the CPU.
 std::atomic<bool>& enabled_flag() {
-  static std::atomic<bool> flag{__builtin_cpu_supports("avx512f") != 0};
+  static std::atomic<bool> flag{true};
   return flag;
+}
+
+bool cpu_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") != 0;
+  return yes;
+}
+
+bool cpu_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") != 0 && __builtin_cpu_supports("fma") != 0;
+  return yes;
 }
 
 // ------------------------------------------------------------------------------- scalar versions
@@ -355,18 +366,229 @@ IBKD_AVX512 void round_bf16_avx512(const float* src, int64_t lds, uint16_t* dst,
 
 #undef IBKD_AVX512
 
+// --------------------------------------------------------------------------- AVX2 + FMA versions
+//
+// The AVX-512 arithmetic on 8 lanes, for CPUs without AVX-512 (AMD Zen 2/3, Intel before Skylake-SP):
+// the same exp polynomial and clamps, tails through maskload / maskstore (masked lanes read as 0, are
+// never written, and are zeroed before they reach a sum). Why: on the AVX2-only AMD EPYC (Zen 3) the
+// scalar versions ran the epilogues (std::exp per entry) while every GEMM ran at MKL's AVX2 rate, and
+// the fused InfoNCE at 16384 only tied torch.compile (benchmarks/README.md, the AVX2 machine).
+
+#define IBKD_AVX2 __attribute__((target("avx2,fma")))
+
+// e^x as exp_ps above: 2ⁿ is built in the exponent field (n ∈ [−126, 127] after the clamps, so n + 127
+// is a normal exponent); lanes below −87.3 (and NaN) give +0.
+IBKD_AVX2 inline __m256 exp8(__m256 x) {
+  const __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_GE_OQ);
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(keep, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+// lanes [0, remaining) set
+IBKD_AVX2 inline __m256i tail8(int64_t remaining) {
+  const int r = static_cast<int>(std::min<int64_t>(remaining, 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+IBKD_AVX2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+IBKD_AVX2 inline float hmax8(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+IBKD_AVX2 void rows_avx2(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t diag, float w,
+                         float* lse, float* pos, bool grad) {
+  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t i = 0; i < rows; ++i) {
+    float* s = tile + i * ld;
+    // pass 1: row max
+    __m256 m0 = neg_inf, m1 = neg_inf, m2 = neg_inf, m3 = neg_inf;
+    int64_t j = 0;
+    for (; j + 32 <= cols; j += 32) {
+      m0 = _mm256_max_ps(m0, _mm256_loadu_ps(s + j));
+      m1 = _mm256_max_ps(m1, _mm256_loadu_ps(s + j + 8));
+      m2 = _mm256_max_ps(m2, _mm256_loadu_ps(s + j + 16));
+      m3 = _mm256_max_ps(m3, _mm256_loadu_ps(s + j + 24));
+    }
+    for (; j < cols; j += 8) {
+      const __m256i k = tail8(cols - j);
+      m0 = _mm256_max_ps(m0, _mm256_blendv_ps(neg_inf, _mm256_maskload_ps(s + j, k), _mm256_castsi256_ps(k)));
+    }
+    const float m = hmax8(_mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+    const int64_t p = i + diag;
+    if (p >= 0 && p < cols) pos[i] = s[p];
+    // pass 2: e = exp(s − m) (stored when the gradient follows) and Σ e
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+    for (j = 0; j + 16 <= cols; j += 16) {
+      const __m256 e0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
+      const __m256 e1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), vm));
+      if (grad) {
+        _mm256_storeu_ps(s + j, e0);
+        _mm256_storeu_ps(s + j + 8, e1);
+      }
+      a0 = _mm256_add_ps(a0, e0);
+      a1 = _mm256_add_ps(a1, e1);
+    }
+    for (; j < cols; j += 8) {
+      const __m256i k = tail8(cols - j);
+      const __m256 e = _mm256_and_ps(_mm256_castsi256_ps(k), exp8(_mm256_sub_ps(_mm256_maskload_ps(s + j, k), vm)));
+      if (grad) _mm256_maskstore_ps(s + j, k, e);
+      a0 = _mm256_add_ps(a0, e);
+    }
+    const float sum = hsum8(_mm256_add_ps(a0, a1));
+    lse[i] = m + std::log(sum);
+    if (!grad) continue;
+    // pass 3: G = (w / Σ e)·e, then the positive's −w
+    const __m256 va = _mm256_set1_ps(w / sum);
+    for (j = 0; j + 8 <= cols; j += 8) _mm256_storeu_ps(s + j, _mm256_mul_ps(_mm256_loadu_ps(s + j), va));
+    if (j < cols) {
+      const __m256i k = tail8(cols - j);
+      _mm256_maskstore_ps(s + j, k, _mm256_mul_ps(_mm256_maskload_ps(s + j, k), va));
+    }
+    if (p >= 0 && p < cols) s[p] -= w;
+  }
+}
+
+// `same`: all-ones in the lane (if any) where i == j: its exponent is exactly 0 (see rbf_entry)
+IBKD_AVX2 inline __m256 rbf8(__m256 g, __m256 sq_sum, __m256 two_gamma, __m256 neg_gamma, __m256 same) {
+  const __m256 e = _mm256_min_ps(_mm256_setzero_ps(), _mm256_fmadd_ps(two_gamma, g, _mm256_mul_ps(neg_gamma, sq_sum)));
+  return exp8(_mm256_andnot_ps(same, e));
+}
+
+IBKD_AVX2 inline __m256 diagonal_lane8(bool diagonal, int64_t i, int64_t j) {
+  if (!diagonal || i < j || i >= j + 8) return _mm256_setzero_ps();
+  return _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_set1_epi32(static_cast<int>(i - j)),
+                                                _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+IBKD_AVX2 void stats_avx2(const HsicTile& t, const float* gx, const float* gz, double* sums, float* rowk,
+                          float* rowl, float* colk, float* coll) {
+  const __m256 tgx = _mm256_set1_ps(2.0f * t.gamma_x), ngx = _mm256_set1_ps(-t.gamma_x);
+  const __m256 tgz = _mm256_set1_ps(2.0f * t.gamma_z), ngz = _mm256_set1_ps(-t.gamma_z);
+  for (int64_t i = 0; i < t.ri; ++i) {
+    __m256 vkl = _mm256_setzero_ps(), vkk = vkl, vll = vkl, vrk = vkl, vrl = vkl;
+    const __m256 sxi = t.rbf ? _mm256_set1_ps(t.sqx_i[i]) : vkl;
+    const __m256 szi = t.rbf ? _mm256_set1_ps(t.sqz_i[i]) : vkl;
+    for (int64_t j = 0; j < t.rj; j += 8) {
+      const __m256i m = tail8(t.rj - j);
+      const __m256 mf = _mm256_castsi256_ps(m);
+      __m256 k = _mm256_maskload_ps(gx + i * t.ld + j, m);
+      __m256 l = _mm256_maskload_ps(gz + i * t.ld + j, m);
+      if (t.rbf) {
+        const __m256 same = diagonal_lane8(t.diagonal, i, j);
+        k = _mm256_and_ps(mf, rbf8(k, _mm256_add_ps(sxi, _mm256_maskload_ps(t.sqx_j + j, m)), tgx, ngx, same));
+        l = _mm256_and_ps(mf, rbf8(l, _mm256_add_ps(szi, _mm256_maskload_ps(t.sqz_j + j, m)), tgz, ngz, same));
+      }
+      vkl = _mm256_fmadd_ps(k, l, vkl);
+      vkk = _mm256_fmadd_ps(k, k, vkk);
+      vll = _mm256_fmadd_ps(l, l, vll);
+      vrk = _mm256_add_ps(vrk, k);
+      vrl = _mm256_add_ps(vrl, l);
+      if (colk) {
+        _mm256_maskstore_ps(colk + j, m, _mm256_add_ps(_mm256_maskload_ps(colk + j, m), k));
+        _mm256_maskstore_ps(coll + j, m, _mm256_add_ps(_mm256_maskload_ps(coll + j, m), l));
+      }
+    }
+    sums[0] += hsum8(vkl);
+    sums[1] += hsum8(vkk);
+    sums[2] += hsum8(vll);
+    rowk[i] += hsum8(vrk);
+    rowl[i] += hsum8(vrl);
+  }
+}
+
+IBKD_AVX2 void weights_avx2(const HsicTile& t, float* gx, float* gz, float g0, float g1, float g2,
+                            const float* grk_i, const float* grk_j, const float* grl_i, const float* grl_j,
+                            float* roww, float* rowv, float* colw, float* colv) {
+  const __m256 tgx = _mm256_set1_ps(2.0f * t.gamma_x), ngx = _mm256_set1_ps(-t.gamma_x);
+  const __m256 tgz = _mm256_set1_ps(2.0f * t.gamma_z), ngz = _mm256_set1_ps(-t.gamma_z);
+  const __m256 c0 = _mm256_set1_ps(2.0f * g0), c1 = _mm256_set1_ps(4.0f * g1), c2 = _mm256_set1_ps(4.0f * g2);
+  for (int64_t i = 0; i < t.ri; ++i) {
+    __m256 vrw = _mm256_setzero_ps(), vrv = vrw;
+    const __m256 sxi = t.rbf ? _mm256_set1_ps(t.sqx_i[i]) : vrw;
+    const __m256 szi = t.rbf ? _mm256_set1_ps(t.sqz_i[i]) : vrw;
+    const __m256 gki = _mm256_set1_ps(grk_i[i]), gli = _mm256_set1_ps(grl_i[i]);
+    for (int64_t j = 0; j < t.rj; j += 8) {
+      const __m256i m = tail8(t.rj - j);
+      const __m256 mf = _mm256_castsi256_ps(m);
+      float* px = gx + i * t.ld + j;
+      float* pz = gz + i * t.ld + j;
+      __m256 k = _mm256_maskload_ps(px, m), l = _mm256_maskload_ps(pz, m);
+      if (t.rbf) {
+        const __m256 same = diagonal_lane8(t.diagonal, i, j);
+        k = rbf8(k, _mm256_add_ps(sxi, _mm256_maskload_ps(t.sqx_j + j, m)), tgx, ngx, same);
+        l = rbf8(l, _mm256_add_ps(szi, _mm256_maskload_ps(t.sqz_j + j, m)), tgz, ngz, same);
+      }
+      __m256 wv = _mm256_add_ps(gki, _mm256_maskload_ps(grk_j + j, m));
+      wv = _mm256_fmadd_ps(c0, l, wv);
+      wv = _mm256_fmadd_ps(c1, k, wv);
+      __m256 vv = _mm256_add_ps(gli, _mm256_maskload_ps(grl_j + j, m));
+      vv = _mm256_fmadd_ps(c0, k, vv);
+      vv = _mm256_fmadd_ps(c2, l, vv);
+      if (t.rbf) {
+        wv = _mm256_mul_ps(wv, k);
+        vv = _mm256_mul_ps(vv, l);
+      }
+      wv = _mm256_and_ps(mf, wv);
+      vv = _mm256_and_ps(mf, vv);
+      _mm256_maskstore_ps(px, m, wv);
+      _mm256_maskstore_ps(pz, m, vv);
+      vrw = _mm256_add_ps(vrw, wv);
+      vrv = _mm256_add_ps(vrv, vv);
+      if (colw) {
+        _mm256_maskstore_ps(colw + j, m, _mm256_add_ps(_mm256_maskload_ps(colw + j, m), wv));
+        _mm256_maskstore_ps(colv + j, m, _mm256_add_ps(_mm256_maskload_ps(colv + j, m), vv));
+      }
+    }
+    if (roww) {
+      roww[i] += hsum8(vrw);
+      rowv[i] += hsum8(vrv);
+    }
+  }
+}
+
+#undef IBKD_AVX2
+
 }  // namespace
 
-bool avx512_enabled() { return enabled_flag().load(std::memory_order_relaxed); }
+bool avx512_enabled() { return enabled_flag().load(std::memory_order_relaxed) && cpu_avx512(); }
 
-void set_avx512_enabled(bool on) {
-  enabled_flag().store(on && __builtin_cpu_supports("avx512f") != 0, std::memory_order_relaxed);
-}
+bool avx2_enabled() { return enabled_flag().load(std::memory_order_relaxed) && !cpu_avx512() && cpu_avx2_fma(); }
+
+bool vector_enabled() { return enabled_flag().load(std::memory_order_relaxed); }
+
+void set_vector_enabled(bool on) { enabled_flag().store(on, std::memory_order_relaxed); }
+
+const char* epilogue_isa() { return avx512_enabled() ? "avx512" : avx2_enabled() ? "avx2+fma" : "scalar"; }
 
 void infonce_rows_grad(float* tile, int64_t rows, int64_t cols, int64_t ld, int64_t diag, float w,
                        float* lse, float* pos) {
   if (avx512_enabled()) {
     rows_avx512(tile, rows, cols, ld, diag, w, lse, pos, true);
+  } else if (avx2_enabled()) {
+    rows_avx2(tile, rows, cols, ld, diag, w, lse, pos, true);
   } else {
     rows_scalar(tile, rows, cols, ld, diag, w, lse, pos, true);
   }
@@ -378,6 +600,8 @@ void infonce_rows_lse(const float* tile, int64_t rows, int64_t cols, int64_t ld,
   float* t = const_cast<float*>(tile);
   if (avx512_enabled()) {
     rows_avx512(t, rows, cols, ld, diag, 0.0f, lse, pos, false);
+  } else if (avx2_enabled()) {
+    rows_avx2(t, rows, cols, ld, diag, 0.0f, lse, pos, false);
   } else {
     rows_scalar(t, rows, cols, ld, diag, 0.0f, lse, pos, false);
   }
@@ -387,6 +611,8 @@ void hsic_tile_stats(const HsicTile& t, const float* gx, const float* gz, double
                      float* rowl, float* colk, float* coll) {
   if (avx512_enabled()) {
     stats_avx512(t, gx, gz, sums, rowk, rowl, colk, coll);
+  } else if (avx2_enabled()) {
+    stats_avx2(t, gx, gz, sums, rowk, rowl, colk, coll);
   } else {
     stats_scalar(t, gx, gz, sums, rowk, rowl, colk, coll);
   }
@@ -397,6 +623,8 @@ void hsic_tile_weights(const HsicTile& t, float* gx, float* gz, float g0, float 
                        const float* grl_j, float* roww, float* rowv, float* colw, float* colv) {
   if (avx512_enabled()) {
     weights_avx512(t, gx, gz, g0, g1, g2, grk_i, grk_j, grl_i, grl_j, roww, rowv, colw, colv);
+  } else if (avx2_enabled()) {
+    weights_avx2(t, gx, gz, g0, g1, g2, grk_i, grk_j, grl_i, grl_j, roww, rowv, colw, colv);
   } else {
     weights_scalar(t, gx, gz, g0, g1, g2, grk_i, grk_j, grl_i, grl_j, roww, rowv, colw, colv);
   }

@@ -2,8 +2,8 @@
 //
 // Each function makes one or two passes over a tile that a GEMM has just written, instead of the
 // five to ten separate ATen element-wise ops (each a full pass over the tile, plus dispatch and
-// temporaries) the kernels used before. simd.cpp has an AVX-512 version (chosen at run time, the
-// package is built for baseline x86-64) and a portable scalar version with the same arithmetic.
+// temporaries) the kernels used before. simd.cpp has AVX-512 and AVX2+FMA versions (chosen at run time,
+// the package is built for baseline x86-64) and a portable scalar version with the same arithmetic.
 // No torch header is included here or in simd.cpp: code compiled for AVX-512 must not be able to
 // end up in an inline torch function that the rest of the extension shares.
 #pragma once
@@ -14,9 +14,13 @@ namespace ibkd {
 namespace cpu {
 namespace simd {
 
-// True when the AVX-512 versions run (CPU support, and not disabled by set_cpu_tuning("simd", 0)).
+// Which versions run: AVX-512 where the CPU has it, else AVX2+FMA, else scalar; set_cpu_tuning("simd", 0)
+// (set_vector_enabled(false)) forces the scalar ones. epilogue_isa(): "avx512", "avx2+fma" or "scalar".
 bool avx512_enabled();
-void set_avx512_enabled(bool on);
+bool avx2_enabled();
+bool vector_enabled();
+void set_vector_enabled(bool on);
+const char* epilogue_isa();
 
 // InfoNCE, one block of whole rows (`cols` = N logits per row, row stride `ld`).
 // For every row i: lse[i] = log Σ_j exp(s_ij); pos[i] = s_i,(i+diag) (the positive logit, when
