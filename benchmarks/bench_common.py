@@ -184,6 +184,43 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def transparent_hugepages() -> str:
+    """The host's THP mode (``always`` / ``madvise`` / ``never``), or ``unknown``."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    for word in text.split():
+        if word.startswith("[") and word.endswith("]"):
+            return word[1:-1]
+    return "unknown"
+
+
+#: Every timed or measured child process of the benchmarks runs with PyTorch's huge-page allocation
+#: for CPU buffers of 2 MiB and more (``THP_MEM_ALLOC_ENABLE=1``, read by c10's CPU allocator). Why:
+#: the eager peers allocate fresh n×n temporaries every call, and their cost is dominated by page
+#: faults when the host's THP mode is ``madvise``: measured 2026-12-04 on the AVX2 AMD EPYC (THP
+#: madvise), eager HSIC n=8192 fwd+bwd took 15.5 s with 4 KiB pages and 5.9 s with huge pages, while
+#: the fused kernel (no n×n buffer) barely moved. Without this, a host's THP setting would decide the
+#: ratios; with it every peer gets the allocator at its best. ``IBKD_BENCH_THP=0`` turns it off.
+THP_ENV = "THP_MEM_ALLOC_ENABLE"
+
+
+def child_env(env: dict | None = None) -> dict:
+    """``env`` (default: this process's environment) with the benchmarks' allocator setting."""
+    env = dict(os.environ if env is None else env)
+    if os.environ.get("IBKD_BENCH_THP", "1") != "0":
+        env[THP_ENV] = "1"
+    return env
+
+
+def allocator_settings() -> dict:
+    """What the children's memory allocation depends on: recorded with every run."""
+    return {"host_thp": transparent_hugepages(),
+            "torch_thp_mem_alloc": os.environ.get("IBKD_BENCH_THP", "1") != "0"}
+
+
 def cpu_capability() -> str:
     """The vector ISA torch dispatches to on this CPU (AVX2, AVX512, ...)."""
     try:

@@ -300,7 +300,10 @@ def worker_ceiling(spec: dict) -> dict:
 
 
 def _spawn(kind: str, spec: dict, policy: str, timeout: float) -> dict:
-    env = dict(os.environ)
+    sys.path.insert(0, HERE)
+    import bench_common as bc
+
+    env = bc.child_env()
     env.pop("OMP_WAIT_POLICY", None)
     if policy != "default":
         env["OMP_WAIT_POLICY"] = policy
@@ -349,7 +352,8 @@ def run_protocol(quick: bool, threads: int, policies: list[str], out_path: str, 
         "machine": bc.machine_info("cpu"), "started_at": _now(), "settings": {
             "temperature": TEMPERATURE, "hsic_gamma": "0.5/D", "hsic_kernel": "rbf", "infonce_N": "= B",
             "normalize": True, "mode": "forward+backward (both inputs require grad)",
-            "gradcache_mini_batch": GRADCACHE_MINI_BATCH, "noise_limit": NOISE_LIMIT},
+            "gradcache_mini_batch": GRADCACHE_MINI_BATCH, "noise_limit": NOISE_LIMIT,
+            "allocator": bc.allocator_settings()},
         "ceiling": {}, "cases": [], "crossover": [], "load": {"start": _load_snapshot()},
         "rehearsal": bool(rounds or only or skip_memory or policies != ["default", "PASSIVE"]),
     }

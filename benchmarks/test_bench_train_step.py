@@ -289,7 +289,7 @@ CHILDREN = {"prepare": prepare_child, "time": timing_child, "memory": memory_chi
 
 def spawn(kind: str, spec: dict) -> dict:
     """Runs ``CHILDREN[kind](spec)`` in a fresh interpreter (exec, nothing inherited but the environment)."""
-    env = dict(os.environ)
+    env = bc.child_env()
     if "threads" in spec:
         env["OMP_NUM_THREADS"] = str(spec["threads"])
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
@@ -310,6 +310,7 @@ def run_settings(threads: int) -> dict:
             "max_length": MAX_LENGTH, "grad_cache_chunk": CHUNK, "length_chunk_size": LENGTH_CHUNK, "beta": BETA,
             "optimizer": f"AdamW lr={LEARNING_RATE}", "rounds": ROUNDS, "threads": threads,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+            "allocator": bc.allocator_settings(),
             "loss": "CachedIBKDDistillationLoss (IBKDLoss defaults: tau 1.0, gamma 1.0, "
                     "normalized HSIC inputs, identity-initialised P)",
             "data": "wiki_sentences.txt, first B lines (cycled)"}

@@ -52,3 +52,16 @@ def test_train_step_runs_render_as_a_table_of_both_losses(tmp_path):
     assert md.count("### Training step") == 1 and "`train-step-x`" in md
     row = next(line for line in md.splitlines() if line.startswith("| 4096 |"))
     assert "102.4 → 128.0" in row and "+25.0%" in row and "5.0%" in row and "3.00 GiB → 2.00 GiB" in row
+
+
+def test_benchmark_children_allocate_with_huge_pages_unless_turned_off(monkeypatch):
+    import bench_common as bc
+
+    monkeypatch.delenv("IBKD_BENCH_THP", raising=False)
+    env = bc.child_env({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", "THP_MEM_ALLOC_ENABLE": "1"}
+    assert bc.allocator_settings()["torch_thp_mem_alloc"] is True
+    assert bc.allocator_settings()["host_thp"] in ("always", "madvise", "never", "unknown")
+    monkeypatch.setenv("IBKD_BENCH_THP", "0")
+    assert "THP_MEM_ALLOC_ENABLE" not in bc.child_env({"PATH": "/bin"})
+    assert bc.allocator_settings()["torch_thp_mem_alloc"] is False
