@@ -292,8 +292,33 @@ def worker_ceiling(spec: dict) -> dict:
             fn()
             times.append(time.perf_counter() - t0)
         rates[name] = flops / statistics.median(times) / 1e9
-    return {"gflops": rates, "shape_mkn": [m, k, n], "gemm_info": gemm_info,
-            "loadavg": list(os.getloadavg())}
+    return {"gflops": rates, "memory_gbps": memory_rates(spec.get("reps", 7)), "shape_mkn": [m, k, n],
+            "gemm_info": gemm_info, "loadavg": list(os.getloadavg())}
+
+
+def memory_rates(reps: int = 7) -> dict:
+    """Memory rates at the run's thread count, in GB/s: ``stream_add`` (c = a + b over touched 256 MiB
+    buffers: 3 × 256 MiB per call) and ``fresh_alloc`` (a new 256 MiB tensor filled: what a fresh
+    temporary costs, page faults included, under this process's allocator settings). Why: the eager and
+    compile peers are bound by these, not by the GEMM rate. On 2026-12-04 the AVX2 host kept its sgemm
+    rate (175 GFLOP/s) while eager InfoNCE 16384 swung between 14 and 26 s (11 s the day before): a run
+    bracketed by GEMM rates alone would have been published with its eager peer twice as slow."""
+    import torch
+
+    elems = 64 * 2**20
+    a, b, c = torch.ones(elems), torch.ones(elems), torch.empty(elems)
+    calls = {"stream_add": (lambda: torch.add(a, b, out=c), 3 * 4 * elems),
+             "fresh_alloc": (lambda: torch.empty(elems).fill_(1.0), 4 * elems)}
+    rates = {}
+    for name, (fn, nbytes) in calls.items():
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        rates[name] = nbytes / statistics.median(times) / 1e9
+    return rates
 
 
 # ------------------------------------------------------------------------------------- driver
@@ -367,7 +392,7 @@ def run_protocol(quick: bool, threads: int, policies: list[str], out_path: str, 
 
     _log(f"ceiling (start), {threads} threads")
     doc["ceiling"]["start"] = _spawn("ceiling", {"threads": threads}, "default", 600)
-    _log(f"  {doc['ceiling']['start'].get('gflops')}")
+    _log(f"  {doc['ceiling']['start'].get('gflops')} GFLOP/s, {doc['ceiling']['start'].get('memory_gbps')} GB/s")
     if not (doc["ceiling"]["start"].get("gemm_info") or {}).get("native_bf16", True):
         # no AVX512-BF16 / AMX-BF16: the eager and compile peers' bf16 matmuls run oneDNN's reference loop
         # (~1 GFLOP/s; an InfoNCE 16384 call would take ~10 minutes) and the kernels upcast (gemm.cpp)
@@ -410,7 +435,7 @@ def run_protocol(quick: bool, threads: int, policies: list[str], out_path: str, 
         save()
     _log("ceiling (end)")
     doc["ceiling"]["end"] = _spawn("ceiling", {"threads": threads}, "default", 600)
-    _log(f"  {doc['ceiling']['end'].get('gflops')}")
+    _log(f"  {doc['ceiling']['end'].get('gflops')} GFLOP/s, {doc['ceiling']['end'].get('memory_gbps')} GB/s")
     doc["load"]["end"] = _load_snapshot()
     doc["finished_at"] = _now()
     summarize(doc)
@@ -430,8 +455,10 @@ def measure_ceiling(threads: int, timeout: float = 600) -> dict:
 def judge_noise(doc: dict) -> bool:
     """How far each ceiling rate moved between ``doc["ceiling"]["start"]`` and ``["end"]``, and the verdict:
     noisy when one moved by more than NOISE_LIMIT, or when there is nothing to compare (in place)."""
-    start = (doc["ceiling"].get("start") or {}).get("gflops") or {}
-    end = (doc["ceiling"].get("end") or {}).get("gflops") or {}
+    first, last = doc["ceiling"].get("start") or {}, doc["ceiling"].get("end") or {}
+    # GEMM rates (GFLOP/s) and, since 2026-12-04, memory rates (GB/s): runs recorded before have none
+    start = {**(first.get("gflops") or {}), **(first.get("memory_gbps") or {})}
+    end = {**(last.get("gflops") or {}), **(last.get("memory_gbps") or {})}
     moved = {k: abs(end[k] - start[k]) / start[k] for k in start if k in end and start[k] > 0}
     doc["ceiling_moved"] = moved
     doc["noisy"] = (not moved) or any(v > NOISE_LIMIT for v in moved.values())

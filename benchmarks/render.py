@@ -160,6 +160,19 @@ def protocol_markdown(doc: dict, stem: str, image_prefix: str) -> str:
     out.append("")
     out.append("GEMM ceiling at 4096×384 @ 384×4096 (GFLOP/s, start → end, moved): " + "; ".join(
         f"{names.get(k, k)} {start[k]:.0f} → {end.get(k, float('nan')):.0f} ({_pct(moved.get(k))})" for k in start))
+    mem_start = (doc["ceiling"].get("start") or {}).get("memory_gbps") or {}
+    mem_end = (doc["ceiling"].get("end") or {}).get("memory_gbps") or {}
+    if mem_start:  # runs from 2026-12-04 on
+        mem_names = {"stream_add": "c = a + b over touched 256 MiB", "fresh_alloc": "a fresh 256 MiB tensor filled"}
+        out.append("")
+        out.append("Memory ceiling (GB/s, start → end, moved): " + "; ".join(
+            f"{mem_names.get(k, k)} {mem_start[k]:.1f} → {mem_end.get(k, float('nan')):.1f} ({_pct(moved.get(k))})"
+            for k in mem_start))
+    alloc = (doc.get("settings") or {}).get("allocator")
+    if alloc:
+        out.append("")
+        out.append(f"Allocator: host THP `{alloc.get('host_thp')}`, children with THP_MEM_ALLOC_ENABLE="
+                   f"{'1' if alloc.get('torch_thp_mem_alloc') else 'unset'}.")
     out.append("")
     if doc.get("skipped"):
         out += ["Not measured: " + "; ".join(f"`{s['key']}` ({s['reason']})" for s in doc["skipped"]) + ".", ""]

@@ -65,3 +65,16 @@ def test_benchmark_children_allocate_with_huge_pages_unless_turned_off(monkeypat
     monkeypatch.setenv("IBKD_BENCH_THP", "0")
     assert "THP_MEM_ALLOC_ENABLE" not in bc.child_env({"PATH": "/bin"})
     assert bc.allocator_settings()["torch_thp_mem_alloc"] is False
+
+
+def test_a_memory_rate_that_moved_marks_the_run_noisy_even_when_the_gemm_rates_held():
+    doc = {"ceiling": {"start": {"gflops": {"sgemm_mkl": 175.0}, "memory_gbps": {"stream_add": 30.0}},
+                       "end": {"gflops": {"sgemm_mkl": 176.0}, "memory_gbps": {"stream_add": 15.0}}}}
+    assert protocol.judge_noise(doc) is True
+    assert abs(doc["ceiling_moved"]["stream_add"] - 0.5) < 1e-12
+
+
+def test_memory_rates_are_measured_in_gigabytes_per_second():
+    rates = protocol.memory_rates(reps=1)
+    assert set(rates) == {"stream_add", "fresh_alloc"}
+    assert all(0.1 < v < 10_000 for v in rates.values())
