@@ -165,3 +165,19 @@ def test_bf16_on_a_cpu_without_native_bf16_is_said_not_refused(monkeypatch, capl
         pre.check_amp("bf16", "cpu")
         pre.check_amp("off", "cpu")
     assert caplog.text == ""
+
+
+def test_amp_auto_takes_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    from ibkd.distill import preflight as pre
+    from ibkd.distill.config import TrainConfig
+    from ibkd.distill.trainer import training_arguments
+
+    monkeypatch.setattr(pre, "cpu_has_native_bf16", lambda: False)
+    assert pre.resolve_amp("auto", "cpu") == "off"
+    assert pre.resolve_amp("bf16", "cpu") == "bf16" and pre.resolve_amp("off", "cpu") == "off"
+    args = training_arguments(TrainConfig(amp="auto", max_steps=1, eval_steps=1, save_steps=1), "cpu", evaluate=False)
+    assert args.bf16 is False and args.fp16 is False
+    monkeypatch.setattr(pre, "cpu_has_native_bf16", lambda: True)
+    assert pre.resolve_amp("auto", "cpu") == "bf16"
+    args = training_arguments(TrainConfig(amp="auto", max_steps=1, eval_steps=1, save_steps=1), "cpu", evaluate=False)
+    assert args.bf16 is True

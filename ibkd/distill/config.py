@@ -234,7 +234,9 @@ class TrainConfig:
                                     "longest sentence (same vectors, fewer padded tokens: 2.5x the sentences/s "
                                     "on 2 CPU cores here); 0: the padded batch in one forward")
     max_grad_norm: Optional[float] = _f(None, "clip the gradient norm to this (default: no clipping)")
-    amp: str = _f("off", "mixed precision: bf16, fp16 or off", choices=("bf16", "fp16", "off"))
+    amp: str = _f("off", "mixed precision: bf16, fp16, off, or auto (bf16 where the hardware computes it natively: "
+                         "CUDA with bf16, CPUs with AVX512-BF16/AMX; else off)",
+                  choices=("auto", "bf16", "fp16", "off"))
     # runtime
     device: str = _f("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
     backend: str = _f("auto", "loss backend of ibkd.losses: auto, reference, cpu, triton, cuda")

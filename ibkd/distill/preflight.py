@@ -25,10 +25,26 @@ def cpu_has_native_bf16() -> bool:
 
 def check_amp(amp: str, device: str) -> None:
     """bf16 autocast on a CPU without native bf16 is emulated and runs slower than fp32: said, not refused
-    (the result is the same, only the speed differs)."""
+    (the result is the same, only the speed differs); ``auto`` says what it chose."""
     if amp == "bf16" and device == "cpu" and not cpu_has_native_bf16():
         log.warning("--amp bf16 on a CPU without native bf16 (AVX512-BF16/AMX): expect it to be slower than "
-                    "--amp off here")
+                    "--amp off here (--amp auto picks bf16 only where it is native)")
+    elif amp == "auto":
+        log.info("--amp auto: %s on %s", resolve_amp(amp, device), device)
+
+
+def resolve_amp(amp: str, device: str) -> str:
+    """``auto`` -> ``bf16`` where bf16 is native (a CUDA device that supports it, a CPU with AVX512-BF16/AMX),
+    else ``off``; other values as given. Why: on a CPU without native bf16, autocast runs the bf16 matmuls
+    through oneDNN's emulation (measured 2026-12-04 on an AVX2 AMD EPYC: see DEVELOPERS.md / the config
+    comments), so a config written on a bf16 machine would train far slower on such a host."""
+    if amp != "auto":
+        return amp
+    if device.startswith("cuda"):
+        import torch
+
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "off"
+    return "bf16" if cpu_has_native_bf16() else "off"
 
 
 def check_device(device: str, flag: str = "--device") -> None:

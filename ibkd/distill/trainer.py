@@ -35,7 +35,7 @@ from ._io import atomic_write_dir, atomic_write_text
 from .callbacks import (NanPolicyCallback, NonFiniteLossError, StepDelayCallback, StepTerms, TrainLogCallback,
                         finite_state)
 from .config import RUNTIME_FIELDS, ConfigError, TrainConfig, load_saved_config, write_resolved_config
-from .preflight import check_against_model, preflight, resolve_device
+from .preflight import check_against_model, preflight, resolve_amp, resolve_device
 from .evaluator import sts_evaluator
 from .inputs import (build_student_encoder, corpus_sentences, distill_dataset, finetune_dataset, load_teacher,
                      teacher_vectors, to_sentence_transformer)
@@ -185,6 +185,7 @@ def _is_main() -> bool:
 def training_arguments(cfg: TrainConfig, device: str, evaluate: bool) -> SentenceTransformerTrainingArguments:
     """The run's settings in sentence-transformers' (Hugging Face's) arguments."""
     metric = "eval_sts-dev_spearman_cosine"
+    amp = resolve_amp(cfg.amp, device)
     if evaluate and cfg.save_steps % cfg.eval_steps:
         raise ConfigError(f"save_steps ({cfg.save_steps}) must be a multiple of eval_steps ({cfg.eval_steps}): the "
                           "best dev checkpoint must be saved to be exported")
@@ -195,7 +196,7 @@ def training_arguments(cfg: TrainConfig, device: str, evaluate: bool) -> Sentenc
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps or -1, max_grad_norm=cfg.max_grad_norm or 0.0,
-        bf16=cfg.amp == "bf16", fp16=cfg.amp == "fp16", use_cpu=device == "cpu",
+        bf16=amp == "bf16", fp16=amp == "fp16", use_cpu=device == "cpu",
         logging_steps=cfg.logging_steps, report_to=[] if cfg.report_to == "none" else [cfg.report_to],
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_steps if evaluate else None,

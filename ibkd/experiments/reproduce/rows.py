@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ...distill.config import RUNTIME_FIELDS, SCORE_FIELDS, ConfigError, TrainConfig
+from ...distill.preflight import resolve_amp, resolve_device
 from .spec import ReproduceError
 
 # TrainConfig fields that change neither the trained student nor its scores (left out of the row hash): the
@@ -36,6 +37,8 @@ class Row:
 
     def config_hash(self) -> str:
         train = {k: v for k, v in self.train.items() if k not in NOT_HASHED}
+        if train.get("amp") == "auto":  # hashed as what it trains with here: a bf16 row is not reused as fp32
+            train["amp"] = resolve_amp("auto", resolve_device(train.get("device") or TrainConfig.device))
         blob = json.dumps({"kind": self.kind, "seed": self.seed, "train": train, "extra": self.hash_extra},
                           sort_keys=True, default=str)
         if self.root:
