@@ -8,6 +8,9 @@ Environment switches:
 * ``IBKD_BENCH_BACKENDS=a,b`` backends to compare (default CPU: ``reference,cpu``; GPU:
   ``reference,reference-compile,triton,cuda``). ``dense`` registers :class:`ibkd.testing.DenseKernelBackend`.
 * ``IBKD_BENCH_NOTE=...``     free-text note stored in the results JSON (e.g. "shared machine").
+* ``IBKD_BENCH_GPU_INFONCE_B=16384,65536`` (likewise ``_GPU_INFONCE_D``, ``_GPU_HSIC_N``, ``_GPU_HSIC_D``,
+  ``_GPU_DTYPES``, ``_GPU_MODES``): a GPU grid narrower than the full one, so that a lent GPU's few minutes
+  (scripts/gpu-check.sh) go to the headline sizes instead of running out half-way through the full grid.
 """
 
 from __future__ import annotations
@@ -32,11 +35,25 @@ CPU_INFONCE_D = [32, 64] if QUICK else [384, 768]
 CPU_HSIC_N = [128, 256] if QUICK else [1024, 4096, 8192]
 CPU_HSIC_D = [32] if QUICK else [384, 768]
 
-GPU_INFONCE_B = [1024, 4096] if QUICK else [4096, 16384, 65536]
-GPU_INFONCE_D = [384] if QUICK else [384, 768, 1024]
-GPU_HSIC_N = [1024] if QUICK else [4096, 16384]
-GPU_HSIC_D = [384] if QUICK else [384, 768]
-GPU_DTYPES = ["bfloat16", "float32"]
+
+
+def _grid(name: str, default: list, cast=int) -> list:
+    """``default``, or the comma-separated list in ``$IBKD_BENCH_<name>``."""
+    raw = os.environ.get(f"IBKD_BENCH_{name}", "").strip()
+    if not raw:
+        return default
+    try:
+        return [cast(v.strip()) for v in raw.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"IBKD_BENCH_{name}={raw!r}: expected a comma-separated list of {cast.__name__}") from None
+
+
+GPU_INFONCE_B = _grid("GPU_INFONCE_B", [1024, 4096] if QUICK else [4096, 16384, 65536])
+GPU_INFONCE_D = _grid("GPU_INFONCE_D", [384] if QUICK else [384, 768, 1024])
+GPU_HSIC_N = _grid("GPU_HSIC_N", [1024] if QUICK else [4096, 16384])
+GPU_HSIC_D = _grid("GPU_HSIC_D", [384] if QUICK else [384, 768])
+GPU_DTYPES = _grid("GPU_DTYPES", ["bfloat16", "float32"], str)
+GPU_MODES = _grid("GPU_MODES", ["fwd", "fwd+bwd"], str)
 GPU_MAX_BATCH_LADDER = [16384 * 2**i for i in range(7)]  # 16384 … 1048576
 
 # The foundation issue's CPU targets (fp32, forward+backward): fused cpu vs reference.
@@ -69,7 +86,7 @@ class Case:
 
     @property
     def ibkd_backend(self) -> str:
-        return "reference" if self.backend == "reference-compile" else self.backend
+        return "reference" if self.backend in ("reference-compile", "gradcache") else self.backend
 
     def flops(self) -> Optional[float]:
         """GEMM FLOPs of InfoNCE with N = B: 2·B·N·D forward, 6·B·N·D forward+backward (dQ and dK)."""
@@ -82,7 +99,7 @@ def ensure_backend(name: str) -> Optional[str]:
     """Make ``name`` usable if it is a test-only backend; return why it cannot run here, or None."""
     import ibkd
 
-    name = "reference" if name == "reference-compile" else name
+    name = "reference" if name in ("reference-compile", "gradcache") else name
     if name == "dense":
         from ibkd.backend import registered_names
         from ibkd.testing import DenseKernelBackend
@@ -128,6 +145,8 @@ def make_step(case: Case):
 
     if case.backend == "reference-compile":
         loss_fn = torch.compile(loss_fn, dynamic=False)
+    if case.backend == "gradcache":
+        return _gradcache_step(case, a, b), (a, b)
 
     if case.mode == "fwd":
 
@@ -142,6 +161,38 @@ def make_step(case: Case):
             return torch.autograd.grad(loss, (a, b))
 
     return step, (a, b)
+
+
+GRADCACHE_MINI_BATCH = int(os.environ.get("IBKD_BENCH_GRADCACHE_MB", "32"))
+
+
+def _gradcache_step(case: Case, a: torch.Tensor, b: torch.Tensor):
+    """The InfoNCE peer that sentence-transformers' cached losses are: the normalised embeddings are
+    computed once, the loss in chunks of GRADCACHE_MINI_BATCH query rows against all keys (logits in
+    the input dtype, cross-entropy in float32), one backward per chunk accumulating into the
+    embeddings' gradients. Peak memory is a chunk × N logit block instead of B × N."""
+    if case.op != "infonce":
+        raise ValueError("gradcache is an InfoNCE peer")
+    import torch.nn.functional as TF
+
+    def step():
+        q, k = a.detach().requires_grad_(), b.detach().requires_grad_()
+        qn, kn = TF.normalize(q, dim=1), TF.normalize(k, dim=1)
+        if case.mode == "fwd":
+            with torch.no_grad():
+                return sum(TF.cross_entropy((qn[s:s + GRADCACHE_MINI_BATCH] @ kn.T).float() / TEMPERATURE,
+                                            torch.arange(s, min(s + GRADCACHE_MINI_BATCH, len(q)), device=q.device),
+                                            reduction="sum") for s in range(0, len(q), GRADCACHE_MINI_BATCH)) / len(q)
+        # cached gradients of the normalised embeddings, then one backward through the normalisation
+        qn_leaf, kn_leaf = qn.detach().requires_grad_(), kn.detach().requires_grad_()
+        for s in range(0, len(q), GRADCACHE_MINI_BATCH):
+            e = min(len(q), s + GRADCACHE_MINI_BATCH)
+            logits = (qn_leaf[s:e] @ kn_leaf.T).float() / TEMPERATURE
+            loss = TF.cross_entropy(logits, torch.arange(s, e, device=q.device), reduction="sum") / len(q)
+            loss.backward()
+        return torch.autograd.grad((qn, kn), (q, k), (qn_leaf.grad, kn_leaf.grad))
+
+    return step
 
 
 # --- machine description -----------------------------------------------------------------------
