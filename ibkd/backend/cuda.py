@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from .base import FLOAT_DTYPES, Backend
+from .gpu_crossover import reference_infonce_preferred
 
 _NOT_BUILT = (
     "ibkd._C was built without CUDA kernels (torch has no CUDA / nvcc not found / IBKD_SKIP_CUDA=1); "
@@ -73,9 +74,14 @@ class CUDABackend(Backend):
         return None
 
     def priority(self, device, dtype, op, shape):
-        # Not yet measured against Triton on a GPU: below triton (20) and above the reference (0),
-        # so "auto" picks it where Triton cannot run (e.g. float64 on CUDA).
-        return 15.0 if torch.device(device).type == "cuda" else -1.0
+        # Below triton (20): on an H200 it took 1.83x the reference in bf16 where triton took 0.67x, and
+        # its first GPU run failed 13 of its 115 GPU tests (benchmarks/README.md, "GPU"). Above the reference (0)
+        # so "auto" picks it where Triton cannot run (float64 on CUDA), except for float32 InfoNCE whose
+        # dense work space fits (ibkd.backend.gpu_crossover).
+        device = torch.device(device)
+        if device.type != "cuda":
+            return -1.0
+        return -5.0 if reference_infonce_preferred(device, dtype, op, shape) else 15.0
 
     # -- InfoNCE -----------------------------------------------------------------------------
     def infonce_forward(self, q, k, inv_temp, symmetric):
