@@ -218,6 +218,7 @@ def h200_memory(monkeypatch):
     from ibkd.backend import gpu_crossover
 
     monkeypatch.setattr(gpu_crossover, "device_total_memory", lambda device: 143771 * 2**20)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
 
 @pytest.mark.parametrize("backend_name", ["triton", "cuda"])

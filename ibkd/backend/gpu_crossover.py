@@ -27,7 +27,7 @@ def device_total_memory(device: torch.device) -> int:
 def reference_infonce_preferred(device: torch.device, dtype: torch.dtype, op: str, shape: tuple) -> bool:
     """True where "auto" should run the dense reference instead of a fused GPU backend."""
     device = torch.device(device)
-    if device.type != "cuda" or op != "infonce" or dtype != torch.float32:
-        return False
+    if device.type != "cuda" or op != "infonce" or dtype != torch.float32 or not torch.cuda.is_available():
+        return False  # (without a GPU no CUDA backend runs anyway; priorities are still asked for)
     b, n = shape[0], shape[1]
     return REFERENCE_INFONCE_BYTES_PER_LOGIT * b * n <= DENSE_MEMORY_SHARE * device_total_memory(device)

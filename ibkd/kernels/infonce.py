@@ -138,6 +138,7 @@ def _grad_kernel(
     w_b_ptr,
     w_diag_ptr,
     dtemp_rows_ptr,
+    g_scale_ptr,
     M_OWN,
     M_OTH,
     N_DIAG,
@@ -166,6 +167,7 @@ def _grad_kernel(
     out_d = pid_d * BLOCK_DO + tl.arange(0, BLOCK_DO)
     out_d_mask = out_d < D
     c = tl.load(inv_temp_ptr).to(ACC)
+    g_scale = tl.load(g_scale_ptr).to(ACC)  # a power of two: dividing by it is exact
     if HAS_A:
         lse_a = tl.load(lse_a_ptr + rows, mask=row_mask, other=0.0).to(ACC)
         coef_a = tl.load(w_a_ptr + rows, mask=row_mask, other=0.0).to(ACC) * scale_a
@@ -197,9 +199,11 @@ def _grad_kernel(
             mask=col_mask[:, None] & out_d_mask[None, :],
             other=0.0,
         )
-        # half inputs: G rounded to the input type so the tensor cores take it (fp32 accumulation)
-        acc = mma(g.to(oth.dtype), oth, acc, ACC, PRECISION)
-    out = acc * c
+        # half inputs: G rounded to the input type so the tensor cores take it (fp32 accumulation),
+        # divided by g_scale first so its entries (≤ 2·max|w| in size) sit near 1 and not among
+        # float16's subnormals, where a mean's weights of ~1/B put them
+        acc = mma((g / g_scale).to(oth.dtype), oth, acc, ACC, PRECISION)
+    out = acc * (c * g_scale)
     tl.store(
         out_ptr + rows.to(tl.int64)[:, None] * stride_out + out_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -236,7 +240,16 @@ def infonce_forward(q: torch.Tensor, k: torch.Tensor, inv_temp: torch.Tensor, sy
     return (lse_row + lse_col) * 0.5 - pos, torch.cat([lse_row, lse_col])
 
 
-def _launch_grad(own, oth, out, inv_temp, lse_a, w_a, scale_a, lse_b, w_b, scale_b, w_diag, n_diag, dtemp_rows):
+def _gradient_tile_scale(w: torch.Tensor) -> torch.Tensor:
+    """2^floor(log2 max|w|) (1 for w = 0), on w's device without a host sync: every entry of G is at
+    most 2·max|w| in size, so G divided by this lies within (−4, 4) and its rounding to float16 keeps
+    11 bits wherever it is not negligible against the largest entry."""
+    wmax = w.abs().amax()
+    return torch.exp2(torch.where(wmax > 0, torch.floor(torch.log2(wmax)), torch.zeros_like(wmax))).reshape(1)
+
+
+def _launch_grad(own, oth, out, inv_temp, lse_a, w_a, scale_a, lse_b, w_b, scale_b, w_diag, n_diag, dtemp_rows,
+                 g_scale):
     m_own, d = own.shape
     m_oth = oth.shape[0]
     grid = lambda meta: (triton.cdiv(m_own, meta["BLOCK_M"]), triton.cdiv(d, meta["BLOCK_DO"]))  # noqa: E731
@@ -245,7 +258,7 @@ def _launch_grad(own, oth, out, inv_temp, lse_a, w_a, scale_a, lse_b, w_b, scale
         own, oth, out, inv_temp,
         dummy if lse_a is None else lse_a, dummy if w_a is None else w_a,
         dummy if lse_b is None else lse_b, dummy if w_b is None else w_b,
-        w_diag, dummy if dtemp_rows is None else dtemp_rows,
+        w_diag, dummy if dtemp_rows is None else dtemp_rows, g_scale,
         m_own, m_oth, n_diag, d, own.stride(0), oth.stride(0), out.stride(0),
         float(scale_a), float(scale_b), size_bucket(m_own), size_bucket(m_oth),
         HAS_A=lse_a is not None, HAS_B=lse_b is not None, WANT_DTEMP=dtemp_rows is not None,
@@ -263,11 +276,12 @@ def infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric):
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dtemp_rows = torch.empty(b, dtype=acc, device=q.device)
+    gs = _gradient_tile_scale(w)
     if symmetric:
         lse_row, lse_col = lse[:b], lse[b:]
-        _launch_grad(q, k, dq, inv_temp, lse_row, w, 0.5, lse_col, w, 0.5, w, b, dtemp_rows)
-        _launch_grad(k, q, dk, inv_temp, lse_col, w, 0.5, lse_row, w, 0.5, w, b, None)
+        _launch_grad(q, k, dq, inv_temp, lse_row, w, 0.5, lse_col, w, 0.5, w, b, dtemp_rows, gs)
+        _launch_grad(k, q, dk, inv_temp, lse_col, w, 0.5, lse_row, w, 0.5, w, b, None, gs)
     else:
-        _launch_grad(q, k, dq, inv_temp, lse, w, 1.0, None, None, 0.0, w, b, dtemp_rows)
-        _launch_grad(k, q, dk, inv_temp, None, None, 0.0, lse, w, 1.0, w, b, None)
+        _launch_grad(q, k, dq, inv_temp, lse, w, 1.0, None, None, 0.0, w, b, dtemp_rows, gs)
+        _launch_grad(k, q, dk, inv_temp, None, None, 0.0, lse, w, 1.0, w, b, None, gs)
     return dq, dk, dtemp_rows.sum()
