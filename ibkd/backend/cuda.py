@@ -74,8 +74,8 @@ class CUDABackend(Backend):
         return None
 
     def priority(self, device, dtype, op, shape):
-        # Below triton (20): on an H200 it took 1.83x the reference in bf16 where triton took 0.67x, and
-        # its first GPU run failed 13 of its 115 GPU tests (benchmarks/README.md, "GPU"). Above the reference (0)
+        # Below triton (20): on an H200 it took 1.83x the reference in bf16 where triton took 0.67x
+        # (benchmarks/README.md, "GPU"; its 13 failures in that run were the tests'). Above the reference (0)
         # so "auto" picks it where Triton cannot run (float64 on CUDA), except for float32 InfoNCE whose
         # dense work space fits (ibkd.backend.gpu_crossover).
         device = torch.device(device)
