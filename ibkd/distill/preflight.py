@@ -36,8 +36,9 @@ def check_amp(amp: str, device: str) -> None:
 def resolve_amp(amp: str, device: str) -> str:
     """``auto`` -> ``bf16`` where bf16 is native (a CUDA device that supports it, a CPU with AVX512-BF16/AMX),
     else ``off``; other values as given. Why: on a CPU without native bf16, autocast runs the bf16 matmuls
-    through oneDNN's emulation (measured 2026-12-04 on an AVX2 AMD EPYC: see DEVELOPERS.md / the config
-    comments), so a config written on a bf16 machine would train far slower on such a host."""
+    through oneDNN's emulation (measured 2026-12-04 on an AVX2 AMD EPYC: a 2-layer student's step at batch
+    256 took 88 s under bf16 autocast against 3.5 s in fp32), so a config written on a bf16 machine would
+    train far slower on such a host."""
     if amp != "auto":
         return amp
     if device.startswith("cuda"):
