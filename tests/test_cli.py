@@ -141,7 +141,7 @@ def test_two_spellings_of_one_field_are_refused(capsys):
     (["--set", "max_steps=ten"], "max_steps: expected an integer, got 'ten'"),
     (["--num_threads", "-1"], "num_threads must be a positive integer, got -1"),
     (["--device", "gpu"], "device must be cpu, cuda, cuda:N or auto, got 'gpu'"),
-    (["--amp", "fp8"], "amp must be one of bf16, fp16, off"),
+    (["--amp", "fp8"], "amp must be one of auto, bf16, fp16, off"),
     (["--set", "nonsense"], "KEY=VALUE"),
     (["--learnign_rate", "1"], "unrecognized arguments: --learnign_rate"),
 ])
