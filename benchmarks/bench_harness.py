@@ -31,7 +31,7 @@ def backends_for(device: str) -> list[str]:
     env = os.environ.get("IBKD_BENCH_BACKENDS")
     if env:
         return [b.strip() for b in env.split(",") if b.strip()]
-    return ["reference", "cpu"] if device == "cpu" else ["reference", "reference-compile", "triton", "cuda"]
+    return ["reference", "cpu"] if device == "cpu" else ["reference", "reference-compile", "gradcache", "triton", "cuda"]
 
 
 def skip_unless_runnable(case: bc.Case):

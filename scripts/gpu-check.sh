@@ -12,7 +12,8 @@
 # Commit them with the GPU's name.
 # Limits in seconds: TOTAL_S (default 570, the deadline for everything), BUILD_S (200), TESTS_S (170),
 # BENCH_S (180), LADDER_S (45; 0 skips the ladder). A follow-up call can narrow the steps: TESTS_K and
-# BENCH_K are pytest -k expressions (default: every GPU test; every benchmark case but the ladder).
+# BENCH_K are pytest -k expressions (default: every GPU test; every benchmark case but the ladder), BENCH_FILES
+# the benchmark files in the order they run, TESTS_N the pytest-xdist workers (default 8; 1 runs serially).
 # The benchmark grid is the headline one (InfoNCE B in {16384, 65536},
 # HSIC n = 16384, D = 768, bf16 then fp32, fwd+bwd); IBKD_BENCH_GPU_* (benchmarks/bench_common.py) widen it.
 # The device image's python3 holds a CUDA torch, Triton, pytest and pytest-benchmark. If its setuptools is
@@ -57,6 +58,9 @@ t=$(date +%s)
 # -v: a run cut off by its limit still shows which tests passed; --timeout (where pytest-timeout is
 # installed): one hang costs 90 s, not the rest
 per_test=(); "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout=90)
+# -n (pytest-xdist, where installed): most of the tests' time is Triton compiling kernels on the CPU, and the
+# device machine has 16 cores; the first run spent its 170 s on one of them and never reached 20 tests
+"$PY" -c "import xdist" 2>/dev/null && [ "${TESTS_N:-8}" -gt 1 ] && per_test+=(-n "${TESTS_N:-8}")
 # Only the files that hold GPU tests: the image lacks the training extras (datasets, model2vec, the teacher),
 # and a module that fails to import must not stop the others (--continue-on-collection-errors).
 timeout "$(limit "${TESTS_S:-170}")" "$PY" -m pytest tests/test_cuda_backend.py tests/test_triton_backend.py \
@@ -70,7 +74,7 @@ t=$(date +%s)
 export IBKD_BENCH_GPU_INFONCE_B="${IBKD_BENCH_GPU_INFONCE_B:-16384,65536}" \
     IBKD_BENCH_GPU_INFONCE_D="${IBKD_BENCH_GPU_INFONCE_D:-768}" IBKD_BENCH_GPU_HSIC_N="${IBKD_BENCH_GPU_HSIC_N:-16384}" \
     IBKD_BENCH_GPU_HSIC_D="${IBKD_BENCH_GPU_HSIC_D:-768}" IBKD_BENCH_GPU_MODES="${IBKD_BENCH_GPU_MODES:-fwd+bwd}"
-timeout "$(limit "${BENCH_S:-180}")" "$PY" -m pytest benchmarks/test_bench_infonce.py benchmarks/test_bench_hsic.py -m gpu \
+timeout "$(limit "${BENCH_S:-180}")" "$PY" -m pytest ${BENCH_FILES:-benchmarks/test_bench_infonce.py benchmarks/test_bench_hsic.py} -m gpu \
     -k "${BENCH_K:-not largest}" -v --tb=short -p no:cacheprovider >"$OUT/bench.log" 2>&1
 echo "gpu benchmarks rc=$? in $(( $(date +%s) - t ))s"
 grep -cE "PASSED|SKIPPED" "$OUT/bench.log" | sed 's/^/benchmark cases done: /'
