@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from .base import FLOAT_DTYPES, Backend
-from .gpu_crossover import reference_infonce_preferred
+from .gpu_crossover import dense_reference_preferred
 
 _NOT_BUILT = (
     "ibkd._C was built without CUDA kernels (torch has no CUDA / nvcc not found / IBKD_SKIP_CUDA=1); "
@@ -76,12 +76,12 @@ class CUDABackend(Backend):
     def priority(self, device, dtype, op, shape):
         # Below triton (20): on an H200 it took 1.83x the reference in bf16 where triton took 0.67x
         # (benchmarks/README.md, "GPU"; its 13 failures in that run were the tests'). Above the reference (0)
-        # so "auto" picks it where Triton cannot run (float64 on CUDA), except for float32 InfoNCE whose
+        # so "auto" picks it where Triton cannot run (float64 on CUDA), except for float32 work whose
         # dense work space fits (ibkd.backend.gpu_crossover).
         device = torch.device(device)
         if device.type != "cuda":
             return -1.0
-        return -5.0 if reference_infonce_preferred(device, dtype, op, shape) else 15.0
+        return -5.0 if dense_reference_preferred(device, dtype, op, shape) else 15.0
 
     # -- InfoNCE -----------------------------------------------------------------------------
     def infonce_forward(self, q, k, inv_temp, symmetric):

@@ -157,4 +157,9 @@ def dot_tile(
             bf = b.to(ACC)
             sq_a += tl.sum(af * af, axis=1)
             sq_b += tl.sum(bf * bf, axis=0)
+    if WANT_SQ:
+        # all warps done reading this tile's shared buffers before the next dot_tile's prologue
+        # refills them. Alone it did not cure the race of the HSIC statistics kernel on an H200 (see
+        # the stage counts in hsic.py); the race-free configs there were measured with it in place.
+        tl.debug_barrier()
     return acc, sq_a, sq_b
