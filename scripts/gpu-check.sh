@@ -10,7 +10,7 @@
 # Writes to $OUT: gpu.txt (the GPU, driver, clocks before/after, torch/CUDA/Triton versions, backends),
 # build.log, tests.log and tests.xml (junit), bench.log and the benchmark JSON of benchmarks/results/.
 # Commit them with the GPU's name.
-# Limits in seconds: TOTAL_S (default 570, the deadline for everything), BUILD_S (200), TESTS_S (170),
+# Limits in seconds: TOTAL_S (default 570, the deadline for everything), BUILD_S (200), TESTS_S (200),
 # BENCH_S (180), LADDER_S (45; 0 skips the ladder). A follow-up call can narrow the steps: TESTS_K and
 # BENCH_K are pytest -k expressions (default: every GPU test; every benchmark case but the ladder), BENCH_FILES
 # the benchmark files in the order they run, TESTS_N the pytest-xdist workers (default 8; 1 runs serially).
@@ -63,7 +63,7 @@ per_test=(); "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout
 "$PY" -c "import xdist" 2>/dev/null && [ "${TESTS_N:-8}" -gt 1 ] && per_test+=(-n "${TESTS_N:-8}")
 # Only the files that hold GPU tests: the image lacks the training extras (datasets, model2vec, the teacher),
 # and a module that fails to import must not stop the others (--continue-on-collection-errors).
-timeout "$(limit "${TESTS_S:-170}")" "$PY" -m pytest tests/test_cuda_backend.py tests/test_triton_backend.py \
+timeout "$(limit "${TESTS_S:-200}")" "$PY" -m pytest tests/test_cuda_backend.py tests/test_triton_backend.py \
     tests/test_numerics.py -m gpu -k "${TESTS_K:-gpu or not gpu}" -v --tb=short --durations=15 -p no:cacheprovider \
     --continue-on-collection-errors "${per_test[@]}" \
     --junitxml="$OUT/tests.xml" >"$OUT/tests.log" 2>&1
