@@ -9,7 +9,8 @@
 #
 # Writes to $OUT: gpu.txt (the GPU, driver, clocks before/after, torch/CUDA/Triton versions, backends),
 # build.log, tests.log and tests.xml (junit), bench.log and the benchmark JSON of benchmarks/results/.
-# Commit them with the GPU's name.
+# Commit them with the GPU's name. The device tool returns at most 8 files from $OUT: this script writes 6
+# or 7; copying more into $OUT beside it (say every results JSON) loses files, tests.log first.
 # Limits in seconds: TOTAL_S (default 570, the deadline for everything), BUILD_S (200), TESTS_S (200),
 # BENCH_S (180), LADDER_S (45; 0 skips the ladder). A follow-up call can narrow the steps: TESTS_K and
 # BENCH_K are pytest -k expressions (default: every GPU test; every benchmark case but the ladder), BENCH_FILES
