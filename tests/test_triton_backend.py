@@ -525,24 +525,35 @@ def test_gpu_hsic_realistic(tb, dtype, kernel):
         close("dz", dz_, dz_e, 3 * GRAD_RTOL[dtype] if dtype in HALF else 1e-3)
 
 
-def _hsic_kernel_configs():
-    from ibkd.kernels import hsic as kernels
+def _kernel_configs(module, kernel_names):
+    """(kernel name, config index) for every autotune config of the named kernels of ibkd.kernels.<module>;
+    none (the tests skip) where Triton is not installed, so that collecting this file never needs it."""
+    import importlib
 
-    return [(name, i) for name in ("_stats_kernel", "_grad_kernel") for i in range(len(getattr(kernels, name).configs))]
+    try:
+        kernels = importlib.import_module(f"ibkd.kernels.{module}")
+    except ImportError:
+        return []
+    return [(name, i) for name in kernel_names for i in range(len(getattr(kernels, name).configs))]
+
+
+def _only_config(monkeypatch, module, kernel_name, config):
+    """Restrict the autotuned kernel to one config (tuning cache emptied); monkeypatch restores both."""
+    import importlib
+
+    kernel = getattr(importlib.import_module(f"ibkd.kernels.{module}"), kernel_name)
+    monkeypatch.setattr(kernel, "configs", [kernel.configs[config]])
+    monkeypatch.setattr(kernel, "cache", {})
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("kernel_name,config", _hsic_kernel_configs())
+@pytest.mark.parametrize("kernel_name,config", _kernel_configs("hsic", ("_stats_kernel", "_grad_kernel")))
 def test_gpu_hsic_every_config_is_race_free(tb, monkeypatch, kernel_name, config, dtype):
     """Each autotune config alone, three runs: on an H200 three stage counts raced for 16-bit inputs
     (a few % of the L row sums off by up to 0.9, different rows each run) at this shape, while the
     autotuner picked one of them for the test above. A config that races here must not be shipped."""
-    from ibkd.kernels import hsic as kernels
-
-    kernel = getattr(kernels, kernel_name)
-    monkeypatch.setattr(kernel, "configs", [kernel.configs[config]])
-    monkeypatch.setattr(kernel, "cache", {})
+    _only_config(monkeypatch, "hsic", kernel_name, config)
     g = torch.Generator(device="cuda").manual_seed(config)
     n, dx, dz = 2048, 768, 256
     x = (torch.randn(n, dx, device="cuda", generator=g) / dx**0.5).to(dtype)
@@ -563,23 +574,13 @@ def test_gpu_hsic_every_config_is_race_free(tb, monkeypatch, kernel_name, config
                 close(name, a, e, grad_rtol)
 
 
-def _infonce_kernel_configs():
-    from ibkd.kernels import infonce as kernels
-
-    return [(name, i) for name in ("_lse_kernel", "_grad_kernel") for i in range(len(getattr(kernels, name).configs))]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("kernel_name,config", _infonce_kernel_configs())
+@pytest.mark.parametrize("kernel_name,config", _kernel_configs("infonce", ("_lse_kernel", "_grad_kernel")))
 def test_gpu_infonce_every_config_is_race_free(tb, monkeypatch, kernel_name, config, dtype):
     """The InfoNCE kernels' configs one by one, as for HSIC above: the autotuner only ever tries the
     configs that win at the tested shapes, so a racing config could hide until a user's shape picks it."""
-    from ibkd.kernels import infonce as kernels
-
-    kernel = getattr(kernels, kernel_name)
-    monkeypatch.setattr(kernel, "configs", [kernel.configs[config]])
-    monkeypatch.setattr(kernel, "cache", {})
+    _only_config(monkeypatch, "infonce", kernel_name, config)
     g = torch.Generator(device="cuda").manual_seed(config)
     b, n, d = 2048, 2048 + 77, 768
     q = F.normalize(torch.randn(b, d, device="cuda", generator=g), dim=1).to(dtype)
