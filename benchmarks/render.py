@@ -83,7 +83,9 @@ def _case_bracket(c: dict) -> str:
     after = ((ceil.get("end") or {}).get("gflops") or {}).get("sgemm_mkl")
     if before is None or after is None:
         return "—"
-    return f"{before:.0f} → {after:.0f} (max move {max(moved.values(), default=0):.0%})"
+    # the rates that decide (protocol.judge_noise); files from before the gate was recorded: every rate
+    gate = c.get("noise_gate") or list(moved)
+    return f"{before:.0f} → {after:.0f} (max move {max((moved[k] for k in gate if k in moved), default=0):.0%})"
 
 
 def train_step_markdown(doc: dict, stem: str) -> str:
@@ -100,7 +102,8 @@ def train_step_markdown(doc: dict, stem: str) -> str:
     if per_case:
         runs = doc.get("runs") or []
         out[-1] += (" Every case was timed between two measurements of the GEMM ceiling and is published only "
-                    "if no rate moved by more than 20 % (column *ceiling*: MKL sgemm GFLOP/s before → after). "
+                    "if no GEMM rate moved by more than 20 % (column *ceiling*: MKL sgemm GFLOP/s before → after, and the "
+                    "largest move of a GEMM rate). "
                     "Runs: " + "; ".join(f"{r.get('started_at')} → {r.get('finished_at', '(stopped)')}"
                                          + (f" ({r['note']})" if r.get("note") else "") for r in runs) + ".")
     else:
