@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ibkd.experiments._machine import cpu_name
+from ibkd.experiments._machine import cpu_microarchitecture, cpu_name
 
 QUICK = os.environ.get("IBKD_BENCH_QUICK", "0").lower() in ("1", "true", "yes", "on")
 TEMPERATURE = 0.05
@@ -202,6 +202,7 @@ def machine_info(device: str) -> dict:
     info = {
         "cpu_model": cpu_name(),
         "cpu_capability": cpu_capability(),
+        "cpu_uarch": cpu_microarchitecture(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -281,16 +282,19 @@ def cpu_capability() -> str:
 
 
 def machine_id(device: str) -> str:
-    """A file-name-safe id of the machine kind (no hostname): cpu model + cores + vector ISA, or the GPU name.
+    """A file-name-safe id of the machine kind (no hostname): cpu model + cores + vector ISA +
+    microarchitecture, or the GPU name.
 
-    The ISA is part of the id because one cloud CPU name covers different machines: "AMD EPYC" with 2
-    cores was an AVX-512 Zen 5 until 2026-12-03, then an AVX2-only Zen 3 whose GEMM routes differ
-    (no oneDNN float32, no native bf16; see csrc/cpu/gemm.cpp). Files named before that
-    (``...-cpu-amd-epyc-2c.json``, no ISA) are the AVX-512 machine's."""
+    One cloud CPU name covers different machines: "AMD EPYC" with 2 cores was an AVX-512 Zen 5 until
+    2026-12-03, then an AVX2-only Zen 3 (no oneDNN float32, no native bf16; see csrc/cpu/gemm.cpp),
+    and on 2026-12-04 an AVX-512 Zen 4 (double-pumped AVX-512, native bf16), whose ISA alone would not
+    tell it from the Zen 5. Older files carry less: ``...-cpu-amd-epyc-2c`` (no ISA) is the Zen 5,
+    ``...-cpu-amd-epyc-2c-avx2`` the Zen 3."""
     if device == "cuda" and torch.cuda.is_available():
         base = "gpu-" + torch.cuda.get_device_name(0)
     else:
-        base = f"cpu-{cpu_name()}-{os.cpu_count()}c-{cpu_capability()}"
+        uarch = cpu_microarchitecture()
+        base = f"cpu-{cpu_name()}-{os.cpu_count()}c-{cpu_capability()}" + (f"-{uarch}" if uarch else "")
     return re.sub(r"[^a-z0-9]+", "-", base.lower()).strip("-")
 
 

@@ -273,10 +273,14 @@ def worker_ceiling(spec: dict) -> dict:
     a32, b32 = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
     c32 = torch.empty(m, n)
     a16, b16 = a32.bfloat16(), b32.bfloat16()
+    # Every rate writes into a preallocated output. bf16 once allocated its 32 MiB result per call: on the
+    # Zen 4 (2026-12-04, 20:50 UTC) four fresh processes read 176-293 GFLOP/s that way and 379-388 with
+    # out=, in the same processes; the slow first calls moved a run's start-to-end bf16 rate by 110 %.
+    c16 = torch.empty(m, n, dtype=torch.bfloat16)
     calls = {
         "sgemm_mkl": lambda: torch.mm(a32, b32, out=c32),
         "sgemm_kernel_tile_gemm": lambda: _C.tile_gemm(c32, a32, b32, 0.0, 1.0),
-        "bf16_gemm_torch": lambda: torch.mm(a16, b16),
+        "bf16_gemm_torch": lambda: torch.mm(a16, b16, out=c16),
     }
     gemm_info = _C.cpu_gemm_info()
     if not gemm_info["native_bf16"]:

@@ -275,7 +275,7 @@ PENDING = ("_The CPU numbers await a run of the benchmark protocol on a quiet ma
 
 def machine_line(doc: dict) -> str:
     m = doc["machine"]
-    isa = f", {m['cpu_capability']}" if m.get("cpu_capability") else ""
+    isa = "".join(f", {m[k]}" for k in ("cpu_capability", "cpu_uarch") if m.get(k))
     parts = [f"{m.get('cpu_model')} ({m.get('cpu_count')} cores{isa}, {m.get('torch_threads')} torch threads)"]
     if m.get("gpu"):
         parts.insert(0, f"{m['gpu']} (driver {m.get('driver')}, CUDA {m.get('cuda')})")

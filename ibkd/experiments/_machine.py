@@ -15,3 +15,43 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# AMD family 19h holds both Zen 3 and Zen 4; these model ranges are Zen 4 (Genoa, Raphael/Phoenix,
+# Bergamo/Siena), the rest of 19h is Zen 3. The cloud CPU name ("AMD EPYC") does not tell them apart,
+# and their GEMM routes differ (Zen 3 has no AVX-512, Zen 4 double-pumps it, Zen 5 runs it natively).
+_ZEN4_MODELS_19H = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))
+
+
+def cpu_family_model(cpuinfo: str | None = None) -> tuple[str, int, int] | None:
+    """(vendor id, family, model) from ``/proc/cpuinfo`` (or the text given), None where it does not say."""
+    fields: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("vendor_id", "cpu family", "model") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:
+                break  # the first processor is enough
+        return fields["vendor_id"], int(fields["cpu family"]), int(fields["model"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def cpu_microarchitecture(cpuinfo: str | None = None) -> str | None:
+    """``zen3`` / ``zen4`` / ``zen5`` for the AMD families that have run this project's benchmarks,
+    ``family F model M`` for any other x86 CPU, None where ``/proc/cpuinfo`` is not readable."""
+    fm = cpu_family_model(cpuinfo)
+    if fm is None:
+        return None
+    vendor, family, model = fm
+    if vendor == "AuthenticAMD":
+        if family == 0x1A:
+            return "zen5"
+        if family == 0x19:
+            return "zen4" if any(model in r for r in _ZEN4_MODELS_19H) else "zen3"
+        if family == 0x17:
+            return "zen2" if model >= 0x30 else "zen1"
+    return f"family {family} model {model}"
