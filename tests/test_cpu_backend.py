@@ -273,6 +273,25 @@ def test_hsic_results_do_not_depend_on_threads():
         assert_close(a, b, 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 7])
+def test_hsic_backward_is_right_for_any_worker_split(threads, dtype):
+    # The float32 / bf16 backward gives each worker a contiguous range of tile pairs and its own n × D
+    # accumulators, merged in chunk order. 150 rows in 16-row tiles: 10 blocks, 55 pairs, a ragged last
+    # block; with 3, 5 or 7 workers the ranges end inside rows of tile pairs and many workers never touch
+    # some row blocks.
+    x, z, gammas = _hsic_inputs(150, 7, 5, dtype)
+    x64, z64, g64 = _as64(x, z, gammas)
+    grads = (torch.tensor([1.0, 0.3, -0.2]), torch.linspace(-1, 1, 150), torch.linspace(0.5, -0.5, 150))
+    expected = DENSE.hsic_stats_backward(*(t.double() for t in grads), x64, z64, g64, "rbf")
+    with cpu_tuning(hsic_block=16), num_threads(threads):
+        first = CPU.hsic_stats_backward(*grads, x, z, gammas, "rbf")
+        again = CPU.hsic_stats_backward(*grads, x, z, gammas, "rbf")
+    for a, b, e in zip(first, again, expected):
+        assert torch.equal(a, b)  # deterministic for a given thread count
+        assert_close(a, e, KERNEL_TOL[dtype][1])
+
+
 # ------------------------------------------------------------------------------------ end to end
 
 
