@@ -18,8 +18,8 @@ Timed: embed + loss + backward (re-embedding) + optimizer step, under ``torch.au
 torch.bfloat16)`` for the bf16 rows (the re-embedding in the backward hook included). Not timed: the
 tokenisation of the batch (the data collator's job, the same for both losses) and the teacher vectors
 (pre-computed, as the teacher cache does). Sentences: the wiki corpus
-(``$IBKD_DATA_DIR/wiki/wiki_sentences.txt``, default /work/shared/data), the first B lines, cycled when
-B exceeds its 11,914 lines.
+(``$IBKD_DATA_DIR/wiki/wiki_sentences.txt``, default ``../shared/data`` beside the checkout), the first B
+lines, cycled when B exceeds its 11,914 lines.
 
 Protocol (as ``protocol.py`` for the kernels): one fresh process per (B, dtype) times both losses:
 it builds both, warms each up once, then runs interleaved rounds with the order rotating (reference,
@@ -137,7 +137,7 @@ def native_bf16() -> bool:
 
 
 def wiki_sentences(count: int) -> list[str]:
-    data_dir = os.environ.get("IBKD_DATA_DIR") or "/work/shared/data"
+    data_dir = os.environ.get("IBKD_DATA_DIR") or os.path.join(os.path.dirname(ROOT), "shared", "data")
     path = os.path.join(data_dir, "wiki", "wiki_sentences.txt")
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
