@@ -27,6 +27,13 @@ import torch
 from ibkd.experiments._machine import cpu_microarchitecture, cpu_name
 
 QUICK = os.environ.get("IBKD_BENCH_QUICK", "0").lower() in ("1", "true", "yes", "on")
+
+
+def data_dir() -> str:
+    """The shared data folder: ``$IBKD_DATA_DIR``, else ``../shared/data`` beside the checkout. (The package
+    itself has no default, ``ibkd.distill.config``; the benchmarks only run from a checkout.)"""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return os.environ.get("IBKD_DATA_DIR") or os.path.join(os.path.dirname(checkout), "shared", "data")
 TEMPERATURE = 0.05
 
 # --- case grids (the issues' sizes; QUICK shrinks them) ----------------------------------------

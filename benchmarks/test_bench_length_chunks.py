@@ -49,7 +49,7 @@ ROUNDS = int(os.environ.get("IBKD_BENCH_CHUNK_ROUNDS", "5"))
 
 
 def corpus_batch() -> list[str]:
-    data_dir = os.environ.get("IBKD_DATA_DIR") or os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "data")
+    data_dir = bc.data_dir()
     wiki = os.path.join(data_dir, "wiki", "wiki_sentences.txt")
     sts = os.path.join(data_dir, "sts", "stsbenchmark", "sts-train.csv")
     if not (os.path.exists(wiki) and os.path.exists(sts)):

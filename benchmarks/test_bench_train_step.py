@@ -137,8 +137,7 @@ def native_bf16() -> bool:
 
 
 def wiki_sentences(count: int) -> list[str]:
-    data_dir = os.environ.get("IBKD_DATA_DIR") or os.path.join(os.path.dirname(ROOT), "shared", "data")
-    path = os.path.join(data_dir, "wiki", "wiki_sentences.txt")
+    path = os.path.join(bc.data_dir(), "wiki", "wiki_sentences.txt")
     with open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f if line.strip()]
     return [lines[i % len(lines)] for i in range(count)]

@@ -6,15 +6,27 @@ import platform
 from pathlib import Path
 
 
+def _first_processor(cpuinfo: str | None = None) -> dict[str, str]:
+    """The fields of the first processor in ``/proc/cpuinfo`` (or the text given); empty where unreadable."""
+    fields: dict[str, str] = {}
+    try:
+        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # the first processor is enough
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
 def cpu_name() -> str:
     """The CPU model from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    name = _first_processor().get("model name")
+    return name if name is not None else platform.processor() or platform.machine() or "unknown CPU"
 
 
 # AMD family 19h holds both Zen 3 and Zen 4; these model ranges are Zen 4 (Genoa, Raphael/Phoenix,
@@ -25,18 +37,10 @@ _ZEN4_MODELS_19H = (range(0x10, 0x20), range(0x60, 0x80), range(0xA0, 0xB0))
 
 def cpu_family_model(cpuinfo: str | None = None) -> tuple[str, int, int] | None:
     """(vendor id, family, model) from ``/proc/cpuinfo`` (or the text given), None where it does not say."""
-    fields: dict[str, str] = {}
+    fields = _first_processor(cpuinfo)
     try:
-        text = Path("/proc/cpuinfo").read_text() if cpuinfo is None else cpuinfo
-        for line in text.splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("vendor_id", "cpu family", "model") and key not in fields:
-                fields[key] = value.strip()
-            if not line.strip() and fields:
-                break  # the first processor is enough
         return fields["vendor_id"], int(fields["cpu family"]), int(fields["model"])
-    except (OSError, KeyError, ValueError):
+    except (KeyError, ValueError):
         return None
 
 
