@@ -108,7 +108,7 @@ def case_key(c: dict) -> str:
 # ------------------------------------------------------------------------------ the timed calls
 
 
-def kernel_flops(op: str, size: int, dim: int) -> float:
+def kernel_flops(op: str, size: int, dim: int, threads: int) -> float:
     """FLOPs of the fused cpu kernels' GEMMs as they perform them (forward + backward).
 
     InfoNCE (N = B, not symmetric, whole rows per tile): S = (cQ)Kᵀ, dQ = G K, dK = Gᵀ(cQ): 6·B·N·D.
@@ -116,9 +116,16 @@ def kernel_flops(op: str, size: int, dim: int) -> float:
     products W X, V Z (plus their transposes for an off-diagonal pair)."""
     if op == "infonce":
         return 6.0 * size * size * dim
+    import torch
+
     from ibkd import _C
 
-    bs = max(1, min(size, _C.cpu_tuning()["hsic_block"]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the tile side depends on the thread count (hsic_tile_side)
+    try:
+        bs = _C.hsic_tile_side(size)
+    finally:
+        torch.set_num_threads(before)
     nb = math.ceil(size / bs)
     sizes = [min(bs, size - i * bs) for i in range(nb)]
     total = 0.0
@@ -413,7 +420,7 @@ def run_protocol(quick: bool, threads: int, policies: list[str], out_path: str, 
     save()
     for case in main_cases:
         rec = dict(case, peers=peers_for(case["op"]), key=case_key(case), timing={}, memory={})
-        rec["kernel_flops"] = kernel_flops(case["op"], case["size"], case["dim"])
+        rec["kernel_flops"] = kernel_flops(case["op"], case["size"], case["dim"], threads)
         for policy in [p for p in policies if p in case.get("policies", policies)]:
             _log(f"time {rec['key']} policy={policy} rounds={case['rounds']}")
             # GradCache is a peer of the default policy only: its thousands of small ops make it the

@@ -582,6 +582,16 @@ def test_gemm_routes_follow_what_this_cpu_supports():
     torch.testing.assert_close(out.double(), a.float().double() @ b.float().double(), rtol=1e-5, atol=1e-4)
 
 
+def test_tile_loops_are_compiled_parallel():
+    # at::parallel_for is a header template, parallel only where the extension itself is compiled with
+    # OpenMP (setup.py's openmp_flags): without it every kernel ran its chunks one after the other
+    import os
+
+    if not torch.backends.openmp.is_available() or os.environ.get("IBKD_CPU_OPENMP", "1") == "0":
+        pytest.skip("this torch has no OpenMP, or the build was asked to leave it out")
+    assert _C.cpu_gemm_info()["openmp"], "ibkd._C was compiled without -fopenmp: its tile loops run serially"
+
+
 def test_epilogues_take_the_widest_vector_isa_of_this_cpu():
     # AVX-512 where present, else AVX2+FMA (the AVX2-only AMD EPYC), else scalar; simd=0 forces scalar.
     # The numerical checks of every version are the kernel tests above (default vs the mkl_scalar tiling).

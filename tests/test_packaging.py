@@ -77,6 +77,23 @@ def test_force_cuda_turns_a_skip_into_an_error(torch_cuda, nvcc, env, needle):
     assert setup_py.cuda_plan("12.8", NVCC, True, gpu_visible=False, env={"IBKD_FORCE_CUDA": "1"})[0]
 
 
+# -- OpenMP for the CPU kernels' tile loops ---------------------------------------------------------
+
+def test_openmp_compiles_the_tile_loops_parallel_on_linux():
+    cflags, ldflags, why = setup_py.openmp_flags(True, platform="linux", env={})
+    assert cflags == ["-fopenmp"] and ldflags == ["-fopenmp"] and why == "yes"
+
+
+@pytest.mark.parametrize("torch_openmp, platform, env, reason", [
+    (True, "linux", {"IBKD_CPU_OPENMP": "0"}, "IBKD_CPU_OPENMP=0"),
+    (False, "linux", {}, "not built with OpenMP"),
+    (True, "darwin", {}, "darwin"),
+])
+def test_openmp_left_out_with_a_reason(torch_openmp, platform, env, reason):
+    cflags, ldflags, why = setup_py.openmp_flags(torch_openmp, platform=platform, env=env)
+    assert cflags == [] and ldflags == [] and reason in why
+
+
 # -- build failures: one message with the way out ----------------------------------------------------
 
 def _copy_sources(dst: Path) -> Path:

@@ -120,6 +120,9 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward(const Tensor& grad_rows, con
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> infonce_forward_backward(
     const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric, double grad_weight);
 
+// The side of the square Gram tiles the HSIC kernels use for n rows at the current thread count.
+int64_t hsic_tile_side(int64_t n);
+
 std::tuple<Tensor, Tensor, Tensor> hsic_stats(const Tensor& x, const Tensor& z,
                                               const Tensor& gammas, const std::string& kernel);
 

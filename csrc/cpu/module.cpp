@@ -31,6 +31,13 @@ pybind11::dict cpu_gemm_info() {
   d["bf16_gemm_available"] = ibkd::cpu::bf16_gemm_available();
   d["bf16_gemm_active"] = ibkd::cpu::bf16_gemm_active();
   d["bf16_gemm"] = ibkd::cpu::bf16_gemm_status();
+  // whether the tile loops (at::parallel_for, a header template) were compiled parallel: setup.py's
+  // openmp_flags says why this matters
+#ifdef _OPENMP
+  d["openmp"] = true;
+#else
+  d["openmp"] = false;
+#endif
   return d;
 }
 
@@ -117,6 +124,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hsic_stats_backward", &hsic_stats_backward, "VJP of hsic_stats: (dx, dz)",
         py::arg("grad_sums"), py::arg("grad_rowsum_k"), py::arg("grad_rowsum_l"), py::arg("x"),
         py::arg("z"), py::arg("gammas"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());
+  m.def("hsic_tile_side", &hsic_tile_side, "side of the HSIC kernels' Gram tiles for n rows at this thread count",
+        py::arg("n"));
   m.def("cpu_tuning", &cpu_tuning, "current tile sizes of the CPU kernels");
   m.def("cpu_gemm_info", &cpu_gemm_info, "which GEMM and epilogue implementations the CPU kernels use");
   m.def("tile_gemm", &tile_gemm, "the CPU kernels' tile GEMM: out = beta*out + alpha*a@b (benchmarks)",
