@@ -176,6 +176,8 @@ def protocol_markdown(doc: dict, stem: str, image_prefix: str) -> str:
         out.append("")
         out.append(f"Allocator: host THP `{alloc.get('host_thp')}`, children with THP_MEM_ALLOC_ENABLE="
                    f"{'1' if alloc.get('torch_thp_mem_alloc') else 'unset'}.")
+    if doc.get("note"):  # written into the results file by hand, after the run (what the numbers alone hide)
+        out += ["", f"Note: {doc['note']}"]
     out.append("")
     if doc.get("skipped"):
         out += ["Not measured: " + "; ".join(f"`{s['key']}` ({s['reason']})" for s in doc["skipped"]) + ".", ""]

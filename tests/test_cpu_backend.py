@@ -182,6 +182,38 @@ def test_infonce_results_do_not_depend_on_threads():
         assert_close(a, b, 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_infonce_is_right_for_any_worker_split(threads, dtype, symmetric):
+    # Each worker runs a contiguous range of row blocks with its own tile and dK accumulator (merged in
+    # chunk order); until the extension was compiled with -fopenmp these ranges ran one after the other,
+    # so this is where a race between workers would show: a result that moves between two calls, or
+    # leaves float64. 150 queries in 16-row blocks against 170 keys (150 for the symmetric loss, which
+    # pairs row i with key i both ways) in 48-column chunks: 10 ragged blocks, uneven per worker, and the
+    # column-chunked (online log-sum-exp) path.
+    q, k, c = _infonce_inputs(150, 150 if symmetric else 170, 24, dtype, normalized=True)
+    q64, k64, c64 = _as64(q, k, c)
+    acc_tol, in_tol = KERNEL_TOL[dtype]
+    grad_rows = torch.linspace(0.5, 1.5, 150)
+    expected_fb = DENSE.infonce_forward_backward(q64, k64, c64, symmetric, 0.7)
+    with cpu_tuning(infonce_block_rows=16, infonce_max_tile_cols=48), num_threads(threads):
+        runs = []
+        for _ in range(2):
+            row_loss, lse = CPU.infonce_forward(q, k, c, symmetric)
+            grads = CPU.infonce_backward(grad_rows, q, k, c, lse, symmetric)
+            runs.append((row_loss, lse, *grads, *CPU.infonce_forward_backward(q, k, c, symmetric, 0.7)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)  # deterministic for a given thread count
+    row_loss, lse, dq, dk, dinv, *fused = runs[0]
+    expected_bwd = DENSE.infonce_backward(grad_rows.double(), q64, k64, c64, expected_fb[1], symmetric)
+    for a, e, tol in zip((row_loss, lse, dq, dk, dinv), (*expected_fb[:2], *expected_bwd),
+                         (acc_tol, acc_tol, in_tol, in_tol, in_tol)):
+        assert_close(a, e, tol)
+    for a, e, tol in zip(fused, expected_fb, (acc_tol, acc_tol, in_tol, in_tol, in_tol)):
+        assert_close(a, e, tol)
+
+
 # ---------------------------------------------------------------------------- kernel level: HSIC
 
 

@@ -30,7 +30,9 @@ except ImportError as e:  # the extension is not built: the backend reports why 
 #: The 2026-12-02 quiet run (protocol-cpu-amd-epyc-2c.json), fused/eager: InfoNCE 1.02x at 256, 0.86x at 512;
 #: HSIC 1.02x at 128, 0.79x at 256. The AVX2 machine's quiet run (2026-12-03, protocol-cpu-amd-epyc-2c-avx2.json):
 #: InfoNCE 1.18x at 256, 0.98x at 512 (the same crossover); HSIC 0.89x at 128, 0.94x at 256 (the reference at
-#: 128 costs ~11 % there, kept: on the AVX-512 machine the fused kernel is not faster at 128).
+#: 128 costs ~11 % there, kept: on the AVX-512 machine the fused kernel is not faster at 128). The Zen 4's run
+#: with parallel tile loops (2026-12-05, protocol-cpu-amd-epyc-2c-avx512-zen4.json): InfoNCE 1.03x at 512, 0.67x at
+#: 1024 (kept at 512: 3 % lost there against 14 % on the Zen 5 at 1024); HSIC 1.03x at 128, 0.84x at 256.
 PREFER_REFERENCE_BELOW = {"infonce": 512, "hsic": 256}
 
 
