@@ -13,7 +13,8 @@ Ops (namespace ``ibkd``):
   otherwise ``dq, dk, dinv`` are empty and the backward recomputes through ``infonce_backward``.
 * ``infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric, backend) -> (dq, dk, dinv)``
 * ``hsic_stats(x, z, gammas, kernel, backend) -> (sums, rowsum_k, rowsum_l)``
-* ``hsic_stats_backward(g_sums, g_rk, g_rl, x, z, gammas, kernel, backend) -> (dx, dz)``
+* ``hsic_stats_backward(g_sums, g_rk, g_rl, x, z, gammas, kernel, backend, need_x, need_z) -> (dx, dz)``
+  a gradient autograd does not need (``need_*`` False) comes back empty (0,) and its work is skipped
 """
 
 from __future__ import annotations
@@ -151,16 +152,20 @@ def hsic_stats_backward_op(
     gammas: torch.Tensor,
     kernel: str,
     backend: str,
+    need_x: bool = True,
+    need_z: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dz = get_backend(backend).hsic_stats_backward(
-        grad_sums.contiguous(), grad_rowsum_k.contiguous(), grad_rowsum_l.contiguous(), x, z, gammas, kernel
+        grad_sums.contiguous(), grad_rowsum_k.contiguous(), grad_rowsum_l.contiguous(), x, z, gammas, kernel,
+        need_x=need_x, need_z=need_z,
     )
-    return dx, dz
+    # an unneeded gradient is empty: a backend may have computed it anyway (custom ops return tensors)
+    return (dx if need_x else _empty(x)), (dz if need_z else _empty(z))
 
 
 @hsic_stats_backward_op.register_fake
-def _(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel, backend):
-    return torch.empty_like(x), torch.empty_like(z)
+def _(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel, backend, need_x=True, need_z=True):
+    return (torch.empty_like(x) if need_x else _empty(x)), (torch.empty_like(z) if need_z else _empty(z))
 
 
 def _hsic_setup_context(ctx, inputs, output):
@@ -176,8 +181,9 @@ def _hsic_backward(ctx, g_sums, g_rk, g_rl):
     g_sums = x.new_zeros((3,), dtype=acc) if g_sums is None else g_sums.to(acc)
     g_rk = x.new_zeros((n,), dtype=acc) if g_rk is None else g_rk.to(acc)
     g_rl = x.new_zeros((n,), dtype=acc) if g_rl is None else g_rl.to(acc)
-    dx, dz = hsic_stats_backward_op(g_sums, g_rk, g_rl, x, z, gammas, ctx.kernel, ctx.backend)
-    return dx, dz, None, None, None
+    need_x, need_z = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dx, dz = hsic_stats_backward_op(g_sums, g_rk, g_rl, x, z, gammas, ctx.kernel, ctx.backend, need_x, need_z)
+    return (dx if need_x else None), (dz if need_z else None), None, None, None
 
 
 hsic_stats_op.register_autograd(_hsic_backward, setup_context=_hsic_setup_context)

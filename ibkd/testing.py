@@ -75,13 +75,17 @@ class DenseKernelBackend(Backend):
         acc = accumulation_dtype(x.dtype)
         return _hsic_stats(x.to(acc), z.to(acc), gammas.to(acc), kernel)
 
-    def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel):
+    def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel,
+                            need_x=True, need_z=True):
         acc = accumulation_dtype(x.dtype)
         xa, za, g = x.to(acc), z.to(acc), gammas.to(acc)
         K = kernel_matrix(xa, g[0], kernel)
         L = kernel_matrix(za, g[1], kernel)
-        GK = grad_sums[0] * L + 2 * grad_sums[1] * K + grad_rowsum_k[:, None]
-        GL = grad_sums[0] * K + 2 * grad_sums[2] * L + grad_rowsum_l[:, None]
-        dx = _kernel_input_grad(GK, xa, K, g[0], kernel)
-        dz = _kernel_input_grad(GL, za, L, g[1], kernel)
-        return dx.to(x.dtype), dz.to(z.dtype)
+        dx = dz = None
+        if need_x:
+            GK = grad_sums[0] * L + 2 * grad_sums[1] * K + grad_rowsum_k[:, None]
+            dx = _kernel_input_grad(GK, xa, K, g[0], kernel).to(x.dtype)
+        if need_z:
+            GL = grad_sums[0] * K + 2 * grad_sums[2] * L + grad_rowsum_l[:, None]
+            dz = _kernel_input_grad(GL, za, L, g[1], kernel).to(z.dtype)
+        return dx, dz

@@ -305,6 +305,23 @@ def test_hsic_results_do_not_depend_on_threads():
         assert_close(a, b, 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["rbf", "linear"])
+def test_hsic_backward_skips_the_gradient_not_asked_for(dtype, kernel):
+    # need_x / need_z False: that gradient is None (float32 / bf16 skip its product GEMMs), the other one is
+    # bit for bit the one computed with both
+    x, z, gammas = _hsic_inputs(150, 7, 5, dtype)
+    grads = (torch.tensor([1.0, 0.3, -0.2]), torch.linspace(-1, 1, 150), torch.linspace(0.5, -0.5, 150))
+    grads = tuple(t.to(gammas.dtype) for t in grads)
+    with cpu_tuning(hsic_block=16):
+        dx, dz = CPU.hsic_stats_backward(*grads, x, z, gammas, kernel)
+        only_z = CPU.hsic_stats_backward(*grads, x, z, gammas, kernel, need_x=False)
+        only_x = CPU.hsic_stats_backward(*grads, x, z, gammas, kernel, need_z=False)
+        neither = CPU.hsic_stats_backward(*grads, x, z, gammas, kernel, need_x=False, need_z=False)
+    assert only_z[0] is None and only_x[1] is None and neither == (None, None)
+    assert torch.equal(only_z[1], dz) and torch.equal(only_x[0], dx)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3, 5, 7])
 def test_hsic_backward_is_right_for_any_worker_split(threads, dtype):

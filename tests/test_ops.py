@@ -65,6 +65,25 @@ def test_opcheck_hsic_stats_backward(fused_backend, dtype, kernel):
     g_rk = torch.randn(n, generator=g, dtype=f64).to(dtype)
     g_rl = torch.randn(n, generator=g, dtype=f64).to(dtype)
     opcheck(ops.hsic_stats_backward_op, (g_sums, g_rk, g_rl, x, z, gammas, kernel, fused_backend))
+    for need_x, need_z in ((False, True), (True, False)):
+        opcheck(ops.hsic_stats_backward_op, (g_sums, g_rk, g_rl, x, z, gammas, kernel, fused_backend, need_x, need_z))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+@pytest.mark.parametrize("which", ["x", "z"])
+def test_hsic_gradient_of_one_input_only(fused_backend, dtype, which):
+    # an input without requires_grad (x is often data) gets no gradient computed; the other one's is the
+    # same as when both are asked for
+    g = torch.Generator().manual_seed(4)
+    x, z = unit_rows(g, 9, 5, dtype), unit_rows(g, 9, 3, dtype)
+    both = [x.clone().requires_grad_(), z.clone().requires_grad_()]
+    hsic(*both, gamma=0.8, backend=fused_backend).backward()
+    one = [x.clone(), z.clone()]
+    k = 0 if which == "x" else 1
+    one[k].requires_grad_()
+    hsic(*one, gamma=0.8, backend=fused_backend).backward()
+    assert one[1 - k].grad is None
+    torch.testing.assert_close(one[k].grad, both[k].grad, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------- torch.compile

@@ -14,6 +14,7 @@
 //   and accumulates W X_J, W1 into block I and Wᵀ X_I, Wᵀ1 into block J (likewise V with Z):
 //     RBF: dx = −2γ_x (diag(W1) X − W X);  linear: dx = W X.
 //   2 Gram GEMMs + 4 product GEMMs per off-diagonal tile pair (per-worker n×D accumulators).
+//   A gradient the caller does not need (need_x / need_z false) skips its 2 product GEMMs and accumulators.
 //
 // bfloat16 inputs (when gemm_bf16 is available, see gemm.cpp): the Gram GEMMs take the bf16 inputs,
 // bf16 × bf16 → float32 (bf16 products are exact in float32: the Gram tiles are as exact as in the
@@ -281,7 +282,7 @@ std::tuple<Tensor, Tensor, Tensor> hsic_stats_float(const HsicInputs& in) {
 }
 
 std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, double g1, double g2,
-                                               const Tensor& grk, const Tensor& grl) {
+                                               const Tensor& grk, const Tensor& grl, bool need_x, bool need_z) {
   const int64_t n = in.n, dx = in.x.size(1), dz = in.z.size(1);
   const auto opts = in.x.options();
   const bool rbf = in.kernel == Kernel::kRbf;
@@ -292,6 +293,7 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
   const float* grk_p = grk.data_ptr<float>();
   const float* grl_p = grl.data_ptr<float>();
   struct Slot {
+    bool used = false;
     Tensor wx, vz;
     std::vector<double> wrow, vrow;
   };
@@ -299,8 +301,9 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
 
   parallel_chunks(npairs, plan, [&](int64_t p0, int64_t p1, int64_t slot_index) {
     Slot& s = slots[slot_index];
-    s.wx = at::zeros({n, dx}, opts);
-    s.vz = at::zeros({n, dz}, opts);
+    s.used = true;
+    if (need_x) s.wx = at::zeros({n, dx}, opts);
+    if (need_z) s.vz = at::zeros({n, dz}, opts);
     if (rbf) {
       s.wrow.assign(n, 0.0);
       s.vrow.assign(n, 0.0);
@@ -333,22 +336,26 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
       // W and V are the (I, J) blocks of symmetric matrices: the (J, I) block is their transpose
       if (in.bf16) {
         Tensor W16 = tile_view(w16_buf, ri, rj), V16 = tile_view(v16_buf, ri, rj);
-        simd::round_bf16(W.data_ptr<float>(), rj, reinterpret_cast<uint16_t*>(W16.data_ptr<at::BFloat16>()), rj,
-                         ri, rj, /*errors=*/false, rbf ? roww.data() : nullptr, rbf && off ? colw.data() : nullptr);
-        simd::round_bf16(V.data_ptr<float>(), rj, reinterpret_cast<uint16_t*>(V16.data_ptr<at::BFloat16>()), rj,
-                         ri, rj, /*errors=*/false, rbf ? rowv.data() : nullptr, rbf && off ? colv.data() : nullptr);
-        gemm_bf16(s.wx.narrow(0, pair.i.start, ri), W16, in.x16.narrow(0, pair.j.start, rj), 1.0, 1.0);
-        gemm_bf16(s.vz.narrow(0, pair.i.start, ri), V16, in.z16.narrow(0, pair.j.start, rj), 1.0, 1.0);
-        if (off) {
-          gemm_bf16(s.wx.narrow(0, pair.j.start, rj), W16.t(), in.x16.narrow(0, pair.i.start, ri), 1.0, 1.0);
-          gemm_bf16(s.vz.narrow(0, pair.j.start, rj), V16.t(), in.z16.narrow(0, pair.i.start, ri), 1.0, 1.0);
+        if (need_x) {
+          simd::round_bf16(W.data_ptr<float>(), rj, reinterpret_cast<uint16_t*>(W16.data_ptr<at::BFloat16>()), rj,
+                           ri, rj, /*errors=*/false, rbf ? roww.data() : nullptr, rbf && off ? colw.data() : nullptr);
+          gemm_bf16(s.wx.narrow(0, pair.i.start, ri), W16, in.x16.narrow(0, pair.j.start, rj), 1.0, 1.0);
+          if (off) gemm_bf16(s.wx.narrow(0, pair.j.start, rj), W16.t(), in.x16.narrow(0, pair.i.start, ri), 1.0, 1.0);
+        }
+        if (need_z) {
+          simd::round_bf16(V.data_ptr<float>(), rj, reinterpret_cast<uint16_t*>(V16.data_ptr<at::BFloat16>()), rj,
+                           ri, rj, /*errors=*/false, rbf ? rowv.data() : nullptr, rbf && off ? colv.data() : nullptr);
+          gemm_bf16(s.vz.narrow(0, pair.i.start, ri), V16, in.z16.narrow(0, pair.j.start, rj), 1.0, 1.0);
+          if (off) gemm_bf16(s.vz.narrow(0, pair.j.start, rj), V16.t(), in.z16.narrow(0, pair.i.start, ri), 1.0, 1.0);
         }
       } else {
-        gemm(s.wx.narrow(0, pair.i.start, ri), W, in.x.narrow(0, pair.j.start, rj), 1.0, 1.0);
-        gemm(s.vz.narrow(0, pair.i.start, ri), V, in.z.narrow(0, pair.j.start, rj), 1.0, 1.0);
-        if (off) {
-          gemm(s.wx.narrow(0, pair.j.start, rj), W.t(), in.x.narrow(0, pair.i.start, ri), 1.0, 1.0);
-          gemm(s.vz.narrow(0, pair.j.start, rj), V.t(), in.z.narrow(0, pair.i.start, ri), 1.0, 1.0);
+        if (need_x) {
+          gemm(s.wx.narrow(0, pair.i.start, ri), W, in.x.narrow(0, pair.j.start, rj), 1.0, 1.0);
+          if (off) gemm(s.wx.narrow(0, pair.j.start, rj), W.t(), in.x.narrow(0, pair.i.start, ri), 1.0, 1.0);
+        }
+        if (need_z) {
+          gemm(s.vz.narrow(0, pair.i.start, ri), V, in.z.narrow(0, pair.j.start, rj), 1.0, 1.0);
+          if (off) gemm(s.vz.narrow(0, pair.j.start, rj), V.t(), in.z.narrow(0, pair.i.start, ri), 1.0, 1.0);
         }
       }
       if (rbf) {
@@ -370,10 +377,10 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
   // sums in chunk order (deterministic), then dx_i = 2γ(Σ W X − x_i·Σ W1) for RBF.
   std::vector<const Slot*> used;
   for (const auto& s : slots) {
-    if (s.wx.defined()) used.push_back(&s);
+    if (s.used) used.push_back(&s);
   }
-  Tensor wx = at::empty({n, dx}, opts), vz = at::empty({n, dz}, opts);
-  float *wxp = wx.data_ptr<float>(), *vzp = vz.data_ptr<float>();
+  Tensor wx = need_x ? at::empty({n, dx}, opts) : Tensor(), vz = need_z ? at::empty({n, dz}, opts) : Tensor();
+  float *wxp = need_x ? wx.data_ptr<float>() : nullptr, *vzp = need_z ? vz.data_ptr<float>() : nullptr;
   const float *xp = in.x.data_ptr<float>(), *zp = in.z.data_ptr<float>();
   const float cx = static_cast<float>(2.0 * in.gx), cz = static_cast<float>(2.0 * in.gz);
   auto merge_rows = [&](float* out, int64_t width, Tensor Slot::*acc, std::vector<double> Slot::*row,
@@ -394,10 +401,10 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
     }
   };
   at::parallel_for(0, n, 64, [&](int64_t r0, int64_t r1) {
-    merge_rows(wxp, dx, &Slot::wx, &Slot::wrow, xp, cx, r0, r1);
-    merge_rows(vzp, dz, &Slot::vz, &Slot::vrow, zp, cz, r0, r1);
+    if (need_x) merge_rows(wxp, dx, &Slot::wx, &Slot::wrow, xp, cx, r0, r1);
+    if (need_z) merge_rows(vzp, dz, &Slot::vz, &Slot::vrow, zp, cz, r0, r1);
   });
-  return {wx.to(in.dtype), vz.to(in.dtype)};
+  return {need_x ? wx.to(in.dtype) : Tensor(), need_z ? vz.to(in.dtype) : Tensor()};
 }
 }  // namespace
 
@@ -454,7 +461,7 @@ std::tuple<Tensor, Tensor, Tensor> hsic_stats(const Tensor& x, const Tensor& z,
 std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Tensor& grad_rowsum_k,
                                                const Tensor& grad_rowsum_l, const Tensor& x,
                                                const Tensor& z, const Tensor& gammas,
-                                               const std::string& kernel) {
+                                               const std::string& kernel, bool need_x, bool need_z) {
   at::NoGradGuard no_grad;
   const HsicInputs in = prepare("hsic_stats_backward", x, z, gammas, kernel);
   const int64_t n = in.n, dx = in.x.size(1), dz = in.z.size(1);
@@ -469,7 +476,8 @@ std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Te
   const double g0 = g[0].item<double>(), g1 = g[1].item<double>(), g2 = g[2].item<double>();
   const Tensor grk = grad_rowsum_k.detach().to(opts.dtype()).contiguous();
   const Tensor grl = grad_rowsum_l.detach().to(opts.dtype()).contiguous();
-  if (in.x.scalar_type() == at::kFloat) return hsic_backward_float(in, g0, g1, g2, grk, grl);
+  if (!need_x && !need_z) return {Tensor(), Tensor()};
+  if (in.x.scalar_type() == at::kFloat) return hsic_backward_float(in, g0, g1, g2, grk, grl, need_x, need_z);
   const bool rbf = in.kernel == Kernel::kRbf;
   const std::vector<TilePair> pairs = tile_pairs(n);
   const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(n);
@@ -539,7 +547,9 @@ std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Te
     wx.sub_(in.x * wrow.unsqueeze(1)).mul_(2.0 * in.gx);
     vz.sub_(in.z * vrow.unsqueeze(1)).mul_(2.0 * in.gz);
   }
-  return {wx.to(in.dtype), vz.to(in.dtype)};
+  // this path (float64, float16 upcast) computes both and drops the one not asked for: only the float32
+  // and bf16 path above skips the work, that is where the time goes
+  return {need_x ? wx.to(in.dtype) : Tensor(), need_z ? vz.to(in.dtype) : Tensor()};
 }
 
 }  // namespace cpu

@@ -129,7 +129,8 @@ std::tuple<Tensor, Tensor, Tensor> hsic_stats(const Tensor& x, const Tensor& z,
 std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Tensor& grad_rowsum_k,
                                                const Tensor& grad_rowsum_l, const Tensor& x,
                                                const Tensor& z, const Tensor& gammas,
-                                               const std::string& kernel);
+                                               const std::string& kernel, bool need_x = true,
+                                               bool need_z = true);
 
 }  // namespace cpu
 }  // namespace ibkd

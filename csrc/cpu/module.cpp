@@ -121,9 +121,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("hsic_stats", &hsic_stats, "HSIC statistics: (sums (3,), rowsum_k, rowsum_l)", py::arg("x"),
         py::arg("z"), py::arg("gammas"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());
-  m.def("hsic_stats_backward", &hsic_stats_backward, "VJP of hsic_stats: (dx, dz)",
+  m.def("hsic_stats_backward", &hsic_stats_backward,
+        "VJP of hsic_stats: (dx, dz); a gradient not asked for (need_x / need_z false) is None",
         py::arg("grad_sums"), py::arg("grad_rowsum_k"), py::arg("grad_rowsum_l"), py::arg("x"),
-        py::arg("z"), py::arg("gammas"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());
+        py::arg("z"), py::arg("gammas"), py::arg("kernel"), py::arg("need_x") = true, py::arg("need_z") = true,
+        py::call_guard<py::gil_scoped_release>());
   m.def("hsic_tile_side", &hsic_tile_side, "side of the HSIC kernels' Gram tiles for n rows at this thread count",
         py::arg("n"));
   m.def("cpu_tuning", &cpu_tuning, "current tile sizes of the CPU kernels");

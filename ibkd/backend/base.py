@@ -38,8 +38,10 @@ accumulation dtype ``acc`` is float64 for float64 inputs and float32 otherwise):
     Every HSIC value (plain or normalized) is a closed form of these statistics (see
     :func:`ibkd.functional.hsic_from_stats`).
 
-``hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel) -> (dx, dz)``
-    Vector-Jacobian product of ``hsic_stats``; ``dx``/``dz`` in the input dtype. With
+``hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel, need_x=True, need_z=True) -> (dx, dz)``
+    Vector-Jacobian product of ``hsic_stats``; ``dx``/``dz`` in the input dtype. A gradient whose
+    ``need_*`` is False may be returned as None and its work skipped (x is often data, not a parameter:
+    the products for x are a third of the backward's GEMMs). With
     ``G_ij = g0·L_ij + 2·g1·K_ij + grk_i`` (the gradient w.r.t. entry K_ij), for RBF
     ``dx_i = −2γ_x Σ_j (G_ij + G_ji) K_ij (x_i − x_j)``; for linear ``dx_i = Σ_j (G_ij + G_ji) x_j``.
     Symmetrically for z with ``g0·K_ij + 2·g2·L_ij + grl_i``.
@@ -105,7 +107,8 @@ class Backend:
     def hsic_stats(self, x, z, gammas, kernel):
         raise NotImplementedError
 
-    def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel):
+    def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel,
+                            need_x=True, need_z=True):
         raise NotImplementedError
 
     def __repr__(self):

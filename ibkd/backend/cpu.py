@@ -87,5 +87,7 @@ class CPUBackend(Backend):
     def hsic_stats(self, x, z, gammas, kernel):
         return self._ext.hsic_stats(x, z, gammas, kernel)
 
-    def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel):
-        return self._ext.hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel)
+    def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel,
+                            need_x=True, need_z=True):
+        return self._ext.hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel,
+                                             need_x, need_z)

@@ -89,8 +89,10 @@ class TritonBackend(Backend):
         with self._on(x.device):
             return hsic.hsic_stats(x, z, gammas, kernel)
 
-    def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel):
+    def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel,
+                            need_x=True, need_z=True):
         from ibkd.kernels import hsic
 
         with self._on(x.device):
-            return hsic.hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel)
+            return hsic.hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel,
+                                            need_x, need_z)

@@ -249,13 +249,17 @@ def _launch_grad(own, par, out, gammas, grad_sums, grad_rowsum, own_idx, kernel)
     )
 
 
-def hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel):
-    """Kernel contract of :mod:`ibkd.backend.base`: (dx, dz) in the input dtype."""
+def hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel, need_x=True, need_z=True):
+    """Kernel contract of :mod:`ibkd.backend.base`: (dx, dz) in the input dtype, None where not needed
+    (its launch is skipped)."""
     acc = _acc(x.dtype)
     gammas = gammas.to(acc).contiguous()
     grad_sums = grad_sums.to(acc).contiguous()
-    dx = torch.empty_like(x)
-    dz = torch.empty_like(z)
-    _launch_grad(x, z, dx, gammas, grad_sums, grad_rowsum_k.to(acc).contiguous(), 0, kernel)
-    _launch_grad(z, x, dz, gammas, grad_sums, grad_rowsum_l.to(acc).contiguous(), 1, kernel)
+    dx = dz = None
+    if need_x:
+        dx = torch.empty_like(x)
+        _launch_grad(x, z, dx, gammas, grad_sums, grad_rowsum_k.to(acc).contiguous(), 0, kernel)
+    if need_z:
+        dz = torch.empty_like(z)
+        _launch_grad(z, x, dz, gammas, grad_sums, grad_rowsum_l.to(acc).contiguous(), 1, kernel)
     return dx, dz
