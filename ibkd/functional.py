@@ -137,7 +137,10 @@ def infonce(
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or inv_temp.requires_grad)
     red = ops.REDUCTIONS[reduction]
     fuse_grad = needs_grad and red != 0
-    loss, *_ = ops.infonce_op(query.contiguous(), key.contiguous(), inv_temp, symmetric, red, fuse_grad, impl.name)
+    # keys without requires_grad (a frozen teacher's vectors) skip dK, a third of the gradient's work
+    need_k = key.requires_grad
+    loss, *_ = ops.infonce_op(query.contiguous(), key.contiguous(), inv_temp, symmetric, red, fuse_grad, impl.name,
+                              need_k)
     return loss
 
 

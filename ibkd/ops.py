@@ -7,11 +7,13 @@ without graph breaks.
 
 Ops (namespace ``ibkd``):
 
-* ``infonce(q, k, inv_temp, symmetric, reduction, fuse_grad, backend) -> (loss, lse, dq, dk, dinv)``
+* ``infonce(q, k, inv_temp, symmetric, reduction, fuse_grad, backend, need_k) -> (loss, lse, dq, dk, dinv)``
   ``reduction``: 0 none (loss is (B,)), 1 mean, 2 sum (0-dim). With ``fuse_grad`` (only for mean/sum)
   the gradients of the loss are computed in the forward pass and the backward merely scales them;
   otherwise ``dq, dk, dinv`` are empty and the backward recomputes through ``infonce_backward``.
-* ``infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric, backend) -> (dq, dk, dinv)``
+* ``infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric, backend, need_k) -> (dq, dk, dinv)``
+  ``need_k`` False (the keys take no gradient: a frozen teacher's vectors): ``dk`` is empty (0,) and
+  not computed
 * ``hsic_stats(x, z, gammas, kernel, backend) -> (sums, rowsum_k, rowsum_l)``
 * ``hsic_stats_backward(g_sums, g_rk, g_rl, x, z, gammas, kernel, backend, need_x, need_z) -> (dx, dz)``
   a gradient autograd does not need (``need_*`` False) comes back empty (0,) and its work is skipped
@@ -42,12 +44,15 @@ def infonce_op(
     reduction: int,
     fuse_grad: bool,
     backend: str,
+    need_k: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     impl = get_backend(backend)
     b = q.shape[0]
     if fuse_grad:
         weight = 1.0 / b if reduction == 1 else 1.0
-        row_loss, lse, dq, dk, dinv = impl.infonce_forward_backward(q, k, inv_temp, symmetric, weight)
+        row_loss, lse, dq, dk, dinv = impl.infonce_forward_backward(q, k, inv_temp, symmetric, weight, need_k=need_k)
+        if not need_k:
+            dk = _empty(k)
     else:
         row_loss, lse = impl.infonce_forward(q, k, inv_temp, symmetric)
         dq, dk, dinv = _empty(q), _empty(k), _empty(inv_temp)
@@ -61,13 +66,14 @@ def infonce_op(
 
 
 @infonce_op.register_fake
-def _(q, k, inv_temp, symmetric, reduction, fuse_grad, backend):
+def _(q, k, inv_temp, symmetric, reduction, fuse_grad, backend, need_k=True):
     acc = accumulation_dtype(q.dtype)
     b = q.shape[0]
     loss = q.new_empty((b,) if reduction == 0 else (), dtype=acc)
     lse = q.new_empty((2 * b,) if symmetric else (b,), dtype=acc)
     if fuse_grad:
-        return loss, lse, torch.empty_like(q), torch.empty_like(k), inv_temp.new_empty((), dtype=acc)
+        dk = torch.empty_like(k) if need_k else k.new_empty((0,))
+        return loss, lse, torch.empty_like(q), dk, inv_temp.new_empty((), dtype=acc)
     return loss, lse, q.new_empty((0,)), k.new_empty((0,)), inv_temp.new_empty((0,))
 
 
@@ -80,22 +86,25 @@ def infonce_backward_op(
     lse: torch.Tensor,
     symmetric: bool,
     backend: str,
+    need_k: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dinv = get_backend(backend).infonce_backward(
-        grad_rows.contiguous(), q, k, inv_temp, lse, symmetric
+        grad_rows.contiguous(), q, k, inv_temp, lse, symmetric, need_k=need_k
     )
-    return dq, dk, dinv
+    return dq, (dk if need_k else _empty(k)), dinv
 
 
 @infonce_backward_op.register_fake
-def _(grad_rows, q, k, inv_temp, lse, symmetric, backend):
-    return torch.empty_like(q), torch.empty_like(k), inv_temp.new_empty((), dtype=accumulation_dtype(q.dtype))
+def _(grad_rows, q, k, inv_temp, lse, symmetric, backend, need_k=True):
+    dk = torch.empty_like(k) if need_k else k.new_empty((0,))
+    return torch.empty_like(q), dk, inv_temp.new_empty((), dtype=accumulation_dtype(q.dtype))
 
 
 def _infonce_setup_context(ctx, inputs, output):
-    q, k, inv_temp, symmetric, reduction, fuse_grad, backend = inputs
+    q, k, inv_temp, symmetric, reduction, fuse_grad, backend, *rest = inputs
     _, lse, dq, dk, dinv = output
     ctx.symmetric, ctx.reduction, ctx.fuse_grad, ctx.backend = symmetric, reduction, fuse_grad, backend
+    ctx.need_k = rest[0] if rest else True  # dk was computed (fuse_grad) / may be asked for
     if fuse_grad:
         ctx.save_for_backward(dq, dk, dinv)
     else:
@@ -107,7 +116,8 @@ def _infonce_backward(ctx, grad_loss, _g_lse, _g_dq, _g_dk, _g_dinv):
     if ctx.fuse_grad:
         dq, dk, dinv = ctx.saved_tensors
         g = grad_loss.to(dinv.dtype)
-        return dq * g.to(dq.dtype), dk * g.to(dk.dtype), (dinv * g).to(ctx.temp_dtype), None, None, None, None
+        dk_out = dk * g.to(dk.dtype) if ctx.need_k else None
+        return dq * g.to(dq.dtype), dk_out, (dinv * g).to(ctx.temp_dtype), None, None, None, None, None
     q, k, inv_temp, lse = ctx.saved_tensors
     b = q.shape[0]
     acc = accumulation_dtype(q.dtype)
@@ -117,8 +127,9 @@ def _infonce_backward(ctx, grad_loss, _g_lse, _g_dq, _g_dk, _g_dinv):
         grad_rows = (grad_loss.to(acc) / b).expand(b)
     else:
         grad_rows = grad_loss.to(acc).expand(b)
-    dq, dk, dinv = infonce_backward_op(grad_rows.contiguous(), q, k, inv_temp, lse, ctx.symmetric, ctx.backend)
-    return dq, dk, dinv.to(ctx.temp_dtype), None, None, None, None
+    need_k = ctx.need_k and ctx.needs_input_grad[1]
+    dq, dk, dinv = infonce_backward_op(grad_rows.contiguous(), q, k, inv_temp, lse, ctx.symmetric, ctx.backend, need_k)
+    return dq, (dk if need_k else None), dinv.to(ctx.temp_dtype), None, None, None, None, None
 
 
 infonce_op.register_autograd(_infonce_backward, setup_context=_infonce_setup_context)

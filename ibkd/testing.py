@@ -53,7 +53,7 @@ class DenseKernelBackend(Backend):
         acc = accumulation_dtype(q.dtype)
         return _infonce_rows_and_lse(q.to(acc), k.to(acc), inv_temp.to(acc), symmetric)
 
-    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric):
+    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric, need_k=True):
         acc = accumulation_dtype(q.dtype)
         qa, ka, c, w = q.to(acc), k.to(acc), inv_temp.to(acc), grad_rows.to(acc)
         b = qa.shape[0]

@@ -182,6 +182,26 @@ def test_infonce_results_do_not_depend_on_threads():
         assert_close(a, b, 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_infonce_skips_dk_when_not_asked_for(dtype, symmetric):
+    # need_k False (a frozen teacher's keys): dk is None, dq and dinv are bit for bit the full call's, in the
+    # one-pass forward-backward, the two-pass one (symmetric) and the backward alone (column-chunked tiles)
+    q, k, c = _infonce_inputs(70, 70 if symmetric else 90, 12, dtype, normalized=True)
+    w = torch.linspace(0.5, 1.5, 70).to(c.dtype)
+    with cpu_tuning(infonce_block_rows=16):
+        full = CPU.infonce_forward_backward(q, k, c, symmetric, 0.3)
+        part = CPU.infonce_forward_backward(q, k, c, symmetric, 0.3, need_k=False)
+        lse = full[1]
+        with cpu_tuning(infonce_max_tile_cols=32):
+            full_b = CPU.infonce_backward(w, q, k, c, lse, symmetric)
+            part_b = CPU.infonce_backward(w, q, k, c, lse, symmetric, need_k=False)
+    assert part[3] is None and part_b[1] is None
+    for a, b in zip(part[:3] + part[4:], full[:3] + full[4:]):
+        assert torch.equal(a, b)
+    assert torch.equal(part_b[0], full_b[0]) and torch.equal(part_b[2], full_b[2])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 2, 3, 5, 7])
 @pytest.mark.parametrize("symmetric", [False, True])

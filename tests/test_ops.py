@@ -30,6 +30,7 @@ def test_opcheck_infonce(fused_backend, dtype, symmetric, reduction, fuse_grad):
     k = unit_rows(g, n, 4, dtype).requires_grad_()
     inv_temp = torch.tensor(2.5, dtype=dtype, requires_grad=True)
     opcheck(ops.infonce_op, (q, k, inv_temp, symmetric, reduction, fuse_grad, fused_backend))
+    opcheck(ops.infonce_op, (q, k.detach(), inv_temp, symmetric, reduction, fuse_grad, fused_backend, False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, f64])
@@ -42,6 +43,7 @@ def test_opcheck_infonce_backward(fused_backend, dtype, symmetric):
     _, lse, *_ = ops.infonce_op(q, k, inv_temp, symmetric, 0, False, fused_backend)
     grad_rows = torch.rand(b, generator=g, dtype=f64).to(dtype)
     opcheck(ops.infonce_backward_op, (grad_rows, q, k, inv_temp, lse, symmetric, fused_backend))
+    opcheck(ops.infonce_backward_op, (grad_rows, q, k, inv_temp, lse, symmetric, fused_backend, False))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, f64])
@@ -67,6 +69,26 @@ def test_opcheck_hsic_stats_backward(fused_backend, dtype, kernel):
     opcheck(ops.hsic_stats_backward_op, (g_sums, g_rk, g_rl, x, z, gammas, kernel, fused_backend))
     for need_x, need_z in ((False, True), (True, False)):
         opcheck(ops.hsic_stats_backward_op, (g_sums, g_rk, g_rl, x, z, gammas, kernel, fused_backend, need_x, need_z))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, f64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_infonce_with_frozen_keys(fused_backend, dtype, reduction, symmetric):
+    # keys without requires_grad (a teacher's vectors) get no dK computed; the queries' and the
+    # temperature's gradients are the same as when the keys take one too
+    g = torch.Generator().manual_seed(5)
+    q, k = unit_rows(g, 6, 4, dtype), unit_rows(g, 6, 4, dtype)
+    grads = []
+    for key_grad in (True, False):
+        qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_(key_grad)
+        t = torch.tensor(0.3, dtype=dtype, requires_grad=True)
+        loss = infonce(qq, kk, temperature=t, symmetric=symmetric, reduction=reduction, backend=fused_backend)
+        (loss if reduction != "none" else loss.sum()).backward()
+        grads.append((qq.grad, kk.grad, t.grad))
+    assert grads[1][1] is None
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(grads[1][2], grads[0][2], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, f64])

@@ -113,12 +113,14 @@ std::string bf16_gemm_status();
 std::tuple<Tensor, Tensor> infonce_forward(const Tensor& q, const Tensor& k, const Tensor& inv_temp,
                                            bool symmetric);
 
+// need_k false: dk is not computed (returned undefined: None in Python)
 std::tuple<Tensor, Tensor, Tensor> infonce_backward(const Tensor& grad_rows, const Tensor& q,
                                                     const Tensor& k, const Tensor& inv_temp,
-                                                    const Tensor& lse, bool symmetric);
+                                                    const Tensor& lse, bool symmetric, bool need_k = true);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> infonce_forward_backward(
-    const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric, double grad_weight);
+    const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric, double grad_weight,
+    bool need_k = true);
 
 // The side of the square Gram tiles the HSIC kernels use for n rows at the current thread count.
 int64_t hsic_tile_side(int64_t n);

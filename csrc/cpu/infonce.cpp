@@ -50,6 +50,9 @@ struct InfoNCEInputs {
   // bf16 tile GEMMs: q16, k16 are the bf16 inputs (contiguous), qbar/kbar their column means (float32)
   bool bf16 = false;
   Tensor q16, k16, qbar, kbar;
+  // false: nobody wants dK (the keys are a frozen teacher's vectors, as in distillation): its GEMM, its
+  // per-worker N×D accumulators and their merge are skipped, a third of the gradient's GEMM work
+  bool need_k = true;
 };
 
 InfoNCEInputs prepare(const char* fn, const Tensor& q, const Tensor& k, const Tensor& inv_temp,
@@ -122,10 +125,10 @@ void gradient_gemms(const InfoNCEInputs& in, const Tensor& t, const Tensor& g16,
                     int64_t j0, int64_t cols) {
   if (in.bf16) {
     gemm_bf16(gk, g16, in.k16.narrow(0, j0, cols), gk_beta, 1.0);
-    gemm_bf16(dk_j, g16.t(), in.q16.narrow(0, i0, rows), 1.0, in.c);
+    if (in.need_k) gemm_bf16(dk_j, g16.t(), in.q16.narrow(0, i0, rows), 1.0, in.c);
   } else {
     gemm(gk, t, in.k.narrow(0, j0, cols), gk_beta, 1.0);
-    gemm(dk_j, t.t(), qc, 1.0, 1.0);
+    if (in.need_k) gemm(dk_j, t.t(), qc, 1.0, 1.0);
   }
 }
 
@@ -164,8 +167,9 @@ void subtract_diagonal(Tensor& tile, int64_t i0, int64_t j0, const scalar_t* w) 
   }
 }
 
-// Per-worker gradient state: dK accumulator (N×D) and the partial Σ G∘S.
+// Per-worker gradient state: dK accumulator (N×D; undefined without need_k) and the partial Σ G∘S.
 struct GradSlot {
+  bool used = false;
   Tensor dk;
   double dinv = 0.0;
   Tensor err_col;  // bf16 mode: Σ_i (G16 − G)_ij of this worker's tiles (N,)
@@ -191,7 +195,9 @@ std::tuple<Tensor, Tensor> merge_grad_slots(std::vector<GradSlot>& slots, const 
   Tensor dk, err_col;
   double dinv = 0.0;
   for (auto& s : slots) {  // in chunk order: deterministic
-    if (!s.dk.defined()) continue;
+    if (!s.used) continue;
+    dinv += s.dinv;
+    if (!in.need_k) continue;
     if (!dk.defined()) {
       dk = s.dk;
       err_col = s.err_col;
@@ -200,11 +206,12 @@ std::tuple<Tensor, Tensor> merge_grad_slots(std::vector<GradSlot>& slots, const 
       if (in.bf16) err_col.add_(s.err_col);
     }
     s.dk = Tensor();
-    dinv += s.dinv;
   }
+  const Tensor dinv_t = at::scalar_tensor(dinv, in.q.options());
+  if (!in.need_k) return {Tensor(), dinv_t};
   // bf16 mode: dk −= c·e' ⊗ q̄ (see the file comment)
   if (in.bf16) dk.sub_(at::outer(err_col, in.qbar), in.c);
-  return {dk.to(in.dtype), at::scalar_tensor(dinv, in.q.options())};
+  return {dk.to(in.dtype), dinv_t};
 }
 
 template <typename scalar_t>
@@ -296,7 +303,8 @@ void backward_impl(const InfoNCEInputs& in, const Tensor& w, const Tensor& lse, 
 
   parallel_chunks(nblocks, plan, [&](int64_t b0, int64_t b1, int64_t slot_index) {
     GradSlot& slot = slots[slot_index];
-    slot.dk = at::zeros({N, D}, opts);
+    slot.used = true;
+    if (in.need_k) slot.dk = at::zeros({N, D}, opts);
     Tensor tile_buf = at::empty({br * bc}, opts);
     Tensor tile2_buf = symmetric ? at::empty({br * bc}, opts) : Tensor();
     Tensor qc_buf = at::empty({in.bf16 ? 0 : br * D}, opts), gk_buf = at::empty({br * D}, opts);
@@ -337,7 +345,8 @@ void backward_impl(const InfoNCEInputs& in, const Tensor& w, const Tensor& lse, 
           round_gradient_rows(t, g16, 0, rows, err_row.data_ptr<float>(), slot.err_col.data_ptr<float>() + j0,
                               s_saved.data_ptr<float>(), &gs);
         }
-        gradient_gemms(in, t, g16, gk, 1.0, slot.dk.narrow(0, j0, cols), qc, i0, rows, j0, cols);
+        gradient_gemms(in, t, g16, gk, 1.0, in.need_k ? slot.dk.narrow(0, j0, cols) : Tensor(), qc, i0, rows, j0,
+                       cols);
       }
       slot.dinv += gs / in.c;
       finish_row_block(in, gk, i0, rows, dq, slot, err_row);
@@ -365,7 +374,8 @@ void fused_impl(const InfoNCEInputs& in, double grad_weight, Tensor& row_loss, T
 
   parallel_chunks(nblocks, plan, [&](int64_t b0, int64_t b1, int64_t slot_index) {
     GradSlot& slot = slots[slot_index];
-    slot.dk = at::zeros({N, D}, opts);
+    slot.used = true;
+    if (in.need_k) slot.dk = at::zeros({N, D}, opts);
     Tensor tile_buf = at::empty({br * N}, opts);
     Tensor qc_buf = at::empty({in.bf16 ? 0 : br * D}, opts), gk_buf = at::empty({br * D}, opts);
     Tensor g16_buf, err_row;
@@ -432,9 +442,10 @@ std::tuple<Tensor, Tensor> infonce_forward(const Tensor& q, const Tensor& k, con
 
 std::tuple<Tensor, Tensor, Tensor> infonce_backward(const Tensor& grad_rows, const Tensor& q,
                                                     const Tensor& k, const Tensor& inv_temp,
-                                                    const Tensor& lse, bool symmetric) {
+                                                    const Tensor& lse, bool symmetric, bool need_k) {
   at::NoGradGuard no_grad;
-  const InfoNCEInputs in = prepare("infonce_backward", q, k, inv_temp, symmetric);
+  InfoNCEInputs in = prepare("infonce_backward", q, k, inv_temp, symmetric);
+  in.need_k = need_k;
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == in.B,
               "infonce_backward: grad_rows must have shape (B,) = (", in.B, "), got ", grad_rows.sizes());
   const int64_t lse_len = symmetric ? 2 * in.B : in.B;
@@ -449,9 +460,10 @@ std::tuple<Tensor, Tensor, Tensor> infonce_backward(const Tensor& grad_rows, con
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> infonce_forward_backward(
-    const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric, double grad_weight) {
+    const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric, double grad_weight, bool need_k) {
   at::NoGradGuard no_grad;
-  const InfoNCEInputs in = prepare("infonce_forward_backward", q, k, inv_temp, symmetric);
+  InfoNCEInputs in = prepare("infonce_forward_backward", q, k, inv_temp, symmetric);
+  in.need_k = need_k;
   Tensor row_loss, lse, dk, dinv;
   Tensor dq = at::empty({in.B, in.D}, in.q.options().dtype(in.dtype));
   const bool one_pass = !symmetric && in.N <= tuning().infonce_max_tile_cols;

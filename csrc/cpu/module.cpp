@@ -114,11 +114,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("infonce_backward", &infonce_backward, "InfoNCE backward: (dq, dk, dinv_temp)",
         py::arg("grad_rows"), py::arg("q"), py::arg("k"), py::arg("inv_temp"), py::arg("lse"),
-        py::arg("symmetric"), py::call_guard<py::gil_scoped_release>());
+        py::arg("symmetric"), py::arg("need_k") = true, py::call_guard<py::gil_scoped_release>());
   m.def("infonce_forward_backward", &infonce_forward_backward,
         "InfoNCE forward plus the gradients of grad_weight·Σ row_loss: (row_loss, lse, dq, dk, dinv_temp)",
         py::arg("q"), py::arg("k"), py::arg("inv_temp"), py::arg("symmetric"), py::arg("grad_weight"),
-        py::call_guard<py::gil_scoped_release>());
+        py::arg("need_k") = true, py::call_guard<py::gil_scoped_release>());
   m.def("hsic_stats", &hsic_stats, "HSIC statistics: (sums (3,), rowsum_k, rowsum_l)", py::arg("x"),
         py::arg("z"), py::arg("gammas"), py::arg("kernel"), py::call_guard<py::gil_scoped_release>());
   m.def("hsic_stats_backward", &hsic_stats_backward,

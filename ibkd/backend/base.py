@@ -19,11 +19,12 @@ accumulation dtype ``acc`` is float64 for float64 inputs and float32 otherwise):
     or, when ``symmetric`` (N == B), the row then the column log-sum-exps (2B,).
     Symmetric: ``row_loss_i = (lse_row_i − s_ii + lse_col_i − s_ii) / 2``.
 
-``infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric) -> (dq, dk, dinv_temp)``
+``infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric, need_k=True) -> (dq, dk, dinv_temp)``
     Gradients of ``Σ_i grad_rows_i·row_loss_i``; ``dq``/``dk`` in the input dtype, ``dinv_temp``
-    a 0-dim ``acc`` tensor.
+    a 0-dim ``acc`` tensor. With ``need_k`` False ``dk`` may be None and its work skipped: in
+    distillation the keys are the teacher's vectors, and dK is a third of the gradient's GEMMs.
 
-``infonce_forward_backward(q, k, inv_temp, symmetric, grad_weight) -> (row_loss, lse, dq, dk, dinv_temp)``
+``infonce_forward_backward(q, k, inv_temp, symmetric, grad_weight, need_k=True) -> (row_loss, lse, dq, dk, dinv_temp)``
     Forward plus the gradients of ``grad_weight·Σ_i row_loss_i`` (uniform weight: the reductions
     "mean"/"sum"), ideally in one pass. The default runs the forward then the backward.
 
@@ -94,13 +95,13 @@ class Backend:
     def infonce_forward(self, q, k, inv_temp, symmetric):
         raise NotImplementedError
 
-    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric):
+    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric, need_k=True):
         raise NotImplementedError
 
-    def infonce_forward_backward(self, q, k, inv_temp, symmetric, grad_weight):
+    def infonce_forward_backward(self, q, k, inv_temp, symmetric, grad_weight, need_k=True):
         row_loss, lse = self.infonce_forward(q, k, inv_temp, symmetric)
         grad_rows = torch.full_like(row_loss, grad_weight)
-        dq, dk, dinv = self.infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric)
+        dq, dk, dinv = self.infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric, need_k=need_k)
         return row_loss, lse, dq, dk, dinv
 
     # -- HSIC kernels (fused backends) -------------------------------------------------------

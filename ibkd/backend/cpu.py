@@ -77,11 +77,11 @@ class CPUBackend(Backend):
     def infonce_forward(self, q, k, inv_temp, symmetric):
         return self._ext.infonce_forward(q, k, inv_temp, symmetric)
 
-    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric):
-        return self._ext.infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric)
+    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric, need_k=True):
+        return self._ext.infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric, need_k)
 
-    def infonce_forward_backward(self, q, k, inv_temp, symmetric, grad_weight):
-        return self._ext.infonce_forward_backward(q, k, inv_temp, symmetric, float(grad_weight))
+    def infonce_forward_backward(self, q, k, inv_temp, symmetric, grad_weight, need_k=True):
+        return self._ext.infonce_forward_backward(q, k, inv_temp, symmetric, float(grad_weight), need_k)
 
     # -- HSIC --------------------------------------------------------------------------------
     def hsic_stats(self, x, z, gammas, kernel):

@@ -87,7 +87,8 @@ class CUDABackend(Backend):
     def infonce_forward(self, q, k, inv_temp, symmetric):
         return self._ops.infonce_forward(q, k, inv_temp, symmetric)
 
-    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric):
+    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric, need_k=True):
+        # computes dk either way (not skipped yet); the op drops it when not needed
         return self._ops.infonce_backward(grad_rows, q, k, inv_temp, lse, symmetric)
 
     # infonce_forward_backward: the base class's forward then backward (two kernels each way)

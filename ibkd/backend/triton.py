@@ -74,7 +74,8 @@ class TritonBackend(Backend):
         with self._on(q.device):
             return infonce.infonce_forward(q, k, inv_temp, symmetric)
 
-    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric):
+    def infonce_backward(self, grad_rows, q, k, inv_temp, lse, symmetric, need_k=True):
+        # computes dk either way (not skipped yet); the op drops it when not needed
         from ibkd.kernels import infonce
 
         with self._on(q.device):
