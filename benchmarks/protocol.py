@@ -116,16 +116,9 @@ def kernel_flops(op: str, size: int, dim: int, threads: int) -> float:
     products W X, V Z (plus their transposes for an off-diagonal pair)."""
     if op == "infonce":
         return 6.0 * size * size * dim
-    import torch
-
     from ibkd import _C
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # the tile side depends on the thread count (hsic_tile_side)
-    try:
-        bs = _C.hsic_tile_side(size)
-    finally:
-        torch.set_num_threads(before)
+    bs = _C.hsic_tile_side(size, threads)  # the tile side depends on the thread count
     nb = math.ceil(size / bs)
     sizes = [min(bs, size - i * bs) for i in range(nb)]
     total = 0.0

@@ -101,10 +101,10 @@ def _(grad_rows, q, k, inv_temp, lse, symmetric, backend, need_k=True):
 
 
 def _infonce_setup_context(ctx, inputs, output):
-    q, k, inv_temp, symmetric, reduction, fuse_grad, backend, *rest = inputs
+    q, k, inv_temp, symmetric, reduction, fuse_grad, backend, need_k = inputs
     _, lse, dq, dk, dinv = output
     ctx.symmetric, ctx.reduction, ctx.fuse_grad, ctx.backend = symmetric, reduction, fuse_grad, backend
-    ctx.need_k = rest[0] if rest else True  # dk was computed (fuse_grad) / may be asked for
+    ctx.need_k = need_k  # dk was computed (fuse_grad) / may be asked for
     if fuse_grad:
         ctx.save_for_backward(dq, dk, dinv)
     else:

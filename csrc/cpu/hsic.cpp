@@ -42,6 +42,7 @@ struct HsicInputs {
   int64_t n;
   bool bf16 = false;  // bf16 tile GEMMs: x16, z16 are the bf16 inputs (contiguous)
   Tensor x16, z16;
+  int64_t side = 1;  // of the square tiles: hsic_tile_side at this call's thread count
 };
 
 HsicInputs prepare(const char* fn, const Tensor& x, const Tensor& z, const Tensor& gammas,
@@ -74,6 +75,7 @@ HsicInputs prepare(const char* fn, const Tensor& x, const Tensor& z, const Tenso
   in.kernel = kernel == "rbf" ? Kernel::kRbf : Kernel::kLinear;
   in.dtype = x.scalar_type();
   in.n = x.size(0);
+  in.side = hsic_tile_side(in.n, at::get_num_threads());
   if (in.kernel == Kernel::kRbf) {
     const Tensor g = gammas.detach().to(at::kDouble).reshape({2});
     in.gx = g[0].item<double>();
@@ -115,10 +117,10 @@ struct TilePair {
 // tuning().hsic_block, halved (not below 128) while that leaves fewer than 4 tile pairs per thread. Each
 // thread runs its chunk of pairs alone (single-threaded GEMMs), so at n = 1024 the 3 pairs of 512-row
 // tiles split 2 : 1 between 2 threads and the call ran 8 % slower than 3 pairs of 2-thread GEMMs had
-// (Zen 4, 2026-12-05: 30.5-32.4 vs 28.2-29.3 ms). Called outside the parallel region (thread count).
-int64_t hsic_tile_side(int64_t n) {
+// (Zen 4, 2026-12-05: 30.5-32.4 vs 28.2-29.3 ms).
+int64_t hsic_tile_side(int64_t n, int64_t threads) {
   int64_t bs = std::max<int64_t>(1, std::min<int64_t>(n, tuning().hsic_block));
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tuning().max_accumulators);
+  const int64_t workers = std::min<int64_t>(threads, tuning().max_accumulators);
   auto pairs = [n](int64_t side) {
     const int64_t nb = ceil_div(n, side);
     return nb * (nb + 1) / 2;
@@ -132,8 +134,8 @@ int64_t hsic_tile_side(int64_t n) {
 
 namespace {
 
-std::vector<TilePair> tile_pairs(int64_t n) {
-  const int64_t bs = hsic_tile_side(n);
+std::vector<TilePair> tile_pairs(const HsicInputs& in) {
+  const int64_t n = in.n, bs = in.side;
   const int64_t nb = ceil_div(n, bs);
   std::vector<TilePair> pairs;
   pairs.reserve(nb * (nb + 1) / 2);
@@ -145,10 +147,6 @@ std::vector<TilePair> tile_pairs(int64_t n) {
   return pairs;
 }
 
-int64_t tile_elems(int64_t n) {
-  const int64_t bs = hsic_tile_side(n);
-  return bs * bs;
-}
 
 // Fills `out` (|I| × |J|) with the kernel tile of rows I and J of `a`.
 void kernel_tile(Tensor& out, const Tensor& a, const Tensor& sq, double gamma, Kernel kernel,
@@ -219,9 +217,8 @@ void gram_tiles(const HsicInputs& in, const TilePair& p, Tensor& gx, Tensor& gz)
 std::tuple<Tensor, Tensor, Tensor> hsic_stats_float(const HsicInputs& in) {
   const int64_t n = in.n;
   const auto opts = in.x.options();
-  const std::vector<TilePair> pairs = tile_pairs(n);
-  const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(n);
-  const int64_t bs = hsic_tile_side(n);
+  const std::vector<TilePair> pairs = tile_pairs(in);
+  const int64_t npairs = (int64_t)pairs.size(), bs = in.side, elems = bs * bs;
   const ChunkPlan plan = plan_chunks(npairs);
   struct Slot {
     double sums[3] = {0, 0, 0};
@@ -286,9 +283,8 @@ std::tuple<Tensor, Tensor> hsic_backward_float(const HsicInputs& in, double g0, 
   const int64_t n = in.n, dx = in.x.size(1), dz = in.z.size(1);
   const auto opts = in.x.options();
   const bool rbf = in.kernel == Kernel::kRbf;
-  const std::vector<TilePair> pairs = tile_pairs(n);
-  const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(n);
-  const int64_t bs = hsic_tile_side(n);
+  const std::vector<TilePair> pairs = tile_pairs(in);
+  const int64_t npairs = (int64_t)pairs.size(), bs = in.side, elems = bs * bs;
   const ChunkPlan plan = plan_chunks(npairs);
   const float* grk_p = grk.data_ptr<float>();
   const float* grl_p = grl.data_ptr<float>();
@@ -415,8 +411,8 @@ std::tuple<Tensor, Tensor, Tensor> hsic_stats(const Tensor& x, const Tensor& z,
   if (in.x.scalar_type() == at::kFloat) return hsic_stats_float(in);
   const auto opts = in.x.options();
   const auto opts64 = opts.dtype(at::kDouble);
-  const std::vector<TilePair> pairs = tile_pairs(in.n);
-  const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(in.n);
+  const std::vector<TilePair> pairs = tile_pairs(in);
+  const int64_t npairs = (int64_t)pairs.size(), elems = in.side * in.side;
   const ChunkPlan plan = plan_chunks(npairs);
   struct Slot {
     double kl = 0, kk = 0, ll = 0;
@@ -479,8 +475,8 @@ std::tuple<Tensor, Tensor> hsic_stats_backward(const Tensor& grad_sums, const Te
   if (!need_x && !need_z) return {Tensor(), Tensor()};
   if (in.x.scalar_type() == at::kFloat) return hsic_backward_float(in, g0, g1, g2, grk, grl, need_x, need_z);
   const bool rbf = in.kernel == Kernel::kRbf;
-  const std::vector<TilePair> pairs = tile_pairs(n);
-  const int64_t npairs = (int64_t)pairs.size(), elems = tile_elems(n);
+  const std::vector<TilePair> pairs = tile_pairs(in);
+  const int64_t npairs = (int64_t)pairs.size(), elems = in.side * in.side;
   const ChunkPlan plan = plan_chunks(npairs);
   struct Slot {
     Tensor wx, wrow, vz, vrow;

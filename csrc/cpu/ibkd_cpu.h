@@ -122,8 +122,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> infonce_forward_backward(
     const Tensor& q, const Tensor& k, const Tensor& inv_temp, bool symmetric, double grad_weight,
     bool need_k = true);
 
-// The side of the square Gram tiles the HSIC kernels use for n rows at the current thread count.
-int64_t hsic_tile_side(int64_t n);
+// The side of the square Gram tiles the HSIC kernels use for n rows on `threads` threads.
+int64_t hsic_tile_side(int64_t n, int64_t threads);
 
 std::tuple<Tensor, Tensor, Tensor> hsic_stats(const Tensor& x, const Tensor& z,
                                               const Tensor& gammas, const std::string& kernel);

@@ -126,8 +126,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_sums"), py::arg("grad_rowsum_k"), py::arg("grad_rowsum_l"), py::arg("x"),
         py::arg("z"), py::arg("gammas"), py::arg("kernel"), py::arg("need_x") = true, py::arg("need_z") = true,
         py::call_guard<py::gil_scoped_release>());
-  m.def("hsic_tile_side", &hsic_tile_side, "side of the HSIC kernels' Gram tiles for n rows at this thread count",
-        py::arg("n"));
+  m.def("hsic_tile_side", &hsic_tile_side, "side of the HSIC kernels' Gram tiles for n rows on `threads` threads",
+        py::arg("n"), py::arg("threads"));
   m.def("cpu_tuning", &cpu_tuning, "current tile sizes of the CPU kernels");
   m.def("cpu_gemm_info", &cpu_gemm_info, "which GEMM and epilogue implementations the CPU kernels use");
   m.def("tile_gemm", &tile_gemm, "the CPU kernels' tile GEMM: out = beta*out + alpha*a@b (benchmarks)",
