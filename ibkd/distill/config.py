@@ -202,8 +202,8 @@ class TrainConfig:
                          "beta_target_ratio, then freeze); default: the stage's",
                     parse=_parser(float, "a number or 'auto'", "auto"),
                     metavar="X|auto")
-    beta_target_ratio: float = _f(ibkd_losses.DEFAULT_TARGET_RATIO, "beta=auto: target ||grad HSIC|| / "
-                                                                    "||grad InfoNCE|| at the student output")
+    beta_target_ratio: Optional[float] = _f(None, "beta=auto: target ||grad HSIC|| / ||grad InfoNCE|| at the "
+                                                  "student output (default: the stage's, ibkd.losses)")
     beta_calibration_steps: int = _f(ibkd_losses.DEFAULT_CALIBRATION_STEPS, "beta=auto: calls measured before "
                                                                             "beta freezes")
     gamma: Any = _f(None, "RBF kernel width of HSIC: a number or 'median' (default: the stage's)",
@@ -397,7 +397,7 @@ class TrainConfig:
     def stage_defaults(self) -> dict:
         base = ibkd_losses.STAGE1_DEFAULTS if self.stage == "distill" else ibkd_losses.STAGE2_DEFAULTS
         out = dict(temperature=base["temperature"], beta=base["beta"], gamma=base["gamma"],
-                   projection_dim=base.get("projection_dim"),
+                   projection_dim=base.get("projection_dim"), beta_target_ratio=base["beta_target_ratio"],
                    hsic_layer=0 if self.stage == "distill" else PENULTIMATE)
         for key in out:
             if getattr(self, key) is not None:

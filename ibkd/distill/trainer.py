@@ -57,7 +57,7 @@ def build_loss(cfg: TrainConfig, model, teacher_dim: Optional[int] = None):
     layer = -2 if layer == "penultimate" else -1 if layer == "last" else int(layer)
     kwargs = dict(method=cfg.method, temperature=d["temperature"], beta=d["beta"], gamma=d["gamma"],
                   normalize_hsic_inputs=cfg.normalize_hsic_inputs, projection_init=cfg.projection_init,
-                  beta_target_ratio=cfg.beta_target_ratio, beta_calibration_steps=cfg.beta_calibration_steps,
+                  beta_target_ratio=d["beta_target_ratio"], beta_calibration_steps=cfg.beta_calibration_steps,
                   gather_across_devices=cfg.gather_across_devices, track_grad_norms=True, backend=cfg.backend,
                   input_layer=layer, length_chunk_size=cfg.length_chunk_size or None)
     if cfg.grad_cache_chunk:

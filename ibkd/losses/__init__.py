@@ -20,7 +20,8 @@ stage      τ       β         γ       HSIC inputs             projection P
 :data:`PAPER_STAGE1` / :data:`PAPER_STAGE2`; its β values are inert at the scale of these kernels.
 """
 
-from .auto_beta import DEFAULT_CALIBRATION_STEPS, DEFAULT_TARGET_RATIO, check_beta
+from .auto_beta import (DEFAULT_CALIBRATION_STEPS, DEFAULT_TARGET_RATIO, DISTILL_TARGET_RATIO, SUPERVISED_TARGET_RATIO,
+                        check_beta)
 from .distributed import world as rank_and_world_size
 from .distillation import DISTILL_METHODS, IBKDLoss
 from .hsic import HSICLoss
@@ -28,8 +29,9 @@ from .infonce import InfoNCELoss
 from .serialization import load_loss_state, save_loss_state
 from .supervised import SUPERVISED_METHODS, SupervisedIBKDLoss
 
-STAGE1_DEFAULTS = dict(temperature=1.0, beta="auto", gamma=1.0)
-STAGE2_DEFAULTS = dict(temperature=0.05, beta="auto", gamma=0.1, projection_dim=128)
+STAGE1_DEFAULTS = dict(temperature=1.0, beta="auto", gamma=1.0, beta_target_ratio=DISTILL_TARGET_RATIO)
+STAGE2_DEFAULTS = dict(temperature=0.05, beta="auto", gamma=0.1, projection_dim=128,
+                       beta_target_ratio=SUPERVISED_TARGET_RATIO)
 #: the paper's own stage settings, for reproducing it literally
 PAPER_STAGE1 = dict(temperature=1.0, beta=0.2, gamma=1.0)
 PAPER_STAGE2 = dict(temperature=0.05, beta=1.0, gamma=0.1, projection_dim=128)
@@ -38,6 +40,7 @@ __all__ = [
     "DEFAULT_CALIBRATION_STEPS",
     "DEFAULT_TARGET_RATIO",
     "DISTILL_METHODS",
+    "DISTILL_TARGET_RATIO",
     "HSICLoss",
     "IBKDLoss",
     "InfoNCELoss",
@@ -48,6 +51,7 @@ __all__ = [
     "rank_and_world_size",
     "STAGE2_DEFAULTS",
     "SUPERVISED_METHODS",
+    "SUPERVISED_TARGET_RATIO",
     "SupervisedIBKDLoss",
     "load_loss_state",
     "save_loss_state",

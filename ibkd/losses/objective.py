@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .auto_beta import DEFAULT_CALIBRATION_STEPS, DEFAULT_TARGET_RATIO, BetaSchedule, measure
+from .auto_beta import DEFAULT_CALIBRATION_STEPS, BetaSchedule, measure
 from .distributed import ReplicatedParameters, gather_rows, resolve_gather
 from .hsic import HSICLoss
 
@@ -52,7 +52,7 @@ class InformationBottleneck(nn.Module):
     (:mod:`ibkd.losses.distributed`). Subclasses add the InfoNCE side."""
 
     def __init__(self, *, beta: Union[float, str], gamma, gamma_z, kernel: str, cka: bool,
-                 normalize_hsic_inputs: bool, beta_target_ratio: float = DEFAULT_TARGET_RATIO,
+                 normalize_hsic_inputs: bool, beta_target_ratio: float,
                  beta_calibration_steps: int = DEFAULT_CALIBRATION_STEPS,
                  gather_across_devices: Optional[bool] = None, track_grad_norms: bool = False,
                  backend: str = "auto", name: str = "IBKD"):

@@ -148,7 +148,9 @@ def targets(summary: list[dict], spec: dict, study: Optional[dict] = None) -> di
 
 def settings_study(rows: list[dict], spec: dict) -> dict:
     """The study of common's stage-1 settings on dev: common's own (its β=auto first-seed row) against each
-    alternative (one change each)."""
+    alternative (one change each). A change that leads at the first seed was also run at the other seeds
+    (group ``study_confirm``); it is the dev-best only if its mean over the seeds beats the mean of common's
+    own β=auto rows, since a first-seed lead smaller than the seeds' spread is not evidence."""
     first = (spec.get("seeds") or [1])[0]
     cands = []
     base = next((r for r in rows if r["group"] == "auto" and r.get("seed") == first and r.get("status") == "done"), None)
@@ -161,8 +163,23 @@ def settings_study(rows: list[dict], spec: dict) -> dict:
                           "dev_spearman": r.get("dev_spearman"), "test_spearman": r.get("test_spearman")})
     best = max(cands, key=lambda c: c["dev_spearman"] if isinstance(c["dev_spearman"], (int, float)) else -1e9,
                default=None)
-    return {"select_by": "dev", "best_dev": best["name"] if best else None,
-            "candidates": cands if len(cands) > 1 and base is not None else []}
+    out = {"select_by": "dev", "best_dev": best["name"] if best else None,
+           "candidates": cands if len(cands) > 1 and base is not None else []}
+    if best is None or best["name"] == "config":
+        return out
+    leader = [r for r in rows if r.get("status") == "done" and r.get("study_name") == best["name"]
+              and r["group"] in ("study", "study_confirm")]
+    config = [r for r in rows if r["group"] == "auto" and r.get("status") == "done"]
+    if len(leader) < 2:
+        return out  # not confirmed at the other seeds (yet): the first-seed verdict stands
+    lead, own = (mean_std([r.get("dev_spearman") for r in rs]) for rs in (leader, config))
+    out["first_seed_best_dev"] = best["name"]
+    out["confirmation"] = {
+        "name": best["name"], "seeds": sorted(r["seed"] for r in leader), "dev": lead, "config_dev": own,
+        "test": mean_std([r.get("test_spearman") for r in leader]),
+        "config_test": mean_std([r.get("test_spearman") for r in config])}
+    out["best_dev"] = best["name"] if lead["mean"] > own["mean"] else "config"
+    return out
 
 
 def _git_commit() -> Optional[str]:

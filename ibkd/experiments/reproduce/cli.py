@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="rows trained at once, each in its own process with num_threads/workers threads "
                              "(overrides workers: of the config; default 1)")
+    parser.add_argument("--reuse_results", "--reuse-results", dest="reuse_results", default=None,
+                        help="a published results JSON (e.g. benchmarks/results/reproduce-minilm.json): its rows whose "
+                             "settings hash matches the plan's are taken instead of trained again (marked restored, "
+                             "with the commit they ran at); rows that changed run")
     parser.add_argument("--results", default=None,
                         help="results JSON path (overrides results:; default <output_dir>/reproduce.json); the "
                              "Markdown and PNG are written beside it")
@@ -81,7 +85,9 @@ def _run_cli(args) -> int:
         argv = ["reproduce", "--config", args.config] + (["--quick"] if args.quick else [])
         argv += (["--rows", args.rows] if args.rows else []) + (["--output_dir", args.output_dir] if args.output_dir else [])
         argv += ["--workers", str(args.workers)] if args.workers is not None else []
-        doc = run_plan(spec, groups=groups, data_dir=args.data_dir, progress=args.progress, argv=argv)
+        argv += ["--reuse_results", args.reuse_results] if args.reuse_results else []
+        doc = run_plan(spec, groups=groups, data_dir=args.data_dir, progress=args.progress, argv=argv,
+                       reuse_results=args.reuse_results)
         atomic_json(results, doc)
     markdown = write_outputs(doc, results, readme)
     print(markdown)

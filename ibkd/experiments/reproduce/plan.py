@@ -13,15 +13,16 @@ from ...distill.config import DATA_DIR_ENV, default_data_dir
 from ..embedding import stsb_paths
 from .aggregate import assemble, choose
 from .gpu import run_gpu_timing
-from .rows import Context, Row, check_train_config, embedding_row, phase_one_rows, phase_three_rows, phase_two_rows
-from .run import execute, finished_result, log_stderr
+from .rows import (Context, Row, check_train_config, embedding_row, phase_one_rows, phase_three_rows, phase_two_rows,
+                   study_confirm_rows)
+from .run import execute, load_published, log_stderr, stored_result
 from .spec import ReproduceError
 from .workers import run_in_workers
 
 GROUPS = ("teacher", "none", "mse", "st_mse", "contrastive", "sweep", "study", "model2vec", "ibkd", "auto",
-          "stage2_sweep", "finetune", "compact", "embedding", "gpu")
+          "study_confirm", "stage2_sweep", "finetune", "compact", "embedding", "gpu")
 # groups a requested group needs first (the rows of these that are already finished are simply reused)
-NEEDS = {"ibkd": ("sweep", "auto"), "stage2_sweep": ("sweep", "auto"),
+NEEDS = {"ibkd": ("sweep", "auto"), "study_confirm": ("study", "auto"), "stage2_sweep": ("sweep", "auto"),
          "finetune": ("sweep", "auto", "stage2_sweep", "ibkd"), "compact": ("sweep", "auto")}
 
 
@@ -44,9 +45,10 @@ def prepare_sts(spec: dict, output: Path, data_dir: str) -> dict:
 
 
 def make_context(spec: dict, *, data_dir: Optional[str] = None, progress: bool = True,
-                 log: Callable[[str], None] = log_stderr) -> Context:
+                 log: Callable[[str], None] = log_stderr, reuse_results: Optional[str] = None) -> Context:
     """``data_dir``: the folder ``{data_dir}`` stands for (``--data_dir``), else the config's
-    ``common.data_dir``, else ``$IBKD_DATA_DIR``."""
+    ``common.data_dir``, else ``$IBKD_DATA_DIR``. ``reuse_results``: a published results file whose rows
+    of unchanged settings are taken instead of being trained again."""
     data_dir = data_dir or spec["common"].get("data_dir") or default_data_dir()
     if not data_dir:
         raise ReproduceError(f"the data folder (STS-B, the corpus) is not set: pass --data_dir or set ${DATA_DIR_ENV}")
@@ -56,11 +58,12 @@ def make_context(spec: dict, *, data_dir: Optional[str] = None, progress: bool =
     sts = prepare_sts(spec, output, data_dir)
     cache_dir = spec.get("cache_dir") or str(output / "teacher_cache")
     progress = progress and spec["common"].get("progress", True)
-    return Context(spec, output, cache_dir, sts, data_dir, spec.get("num_threads"), progress, log)
+    published = load_published(reuse_results) if reuse_results else None
+    return Context(spec, output, cache_dir, sts, data_dir, spec.get("num_threads"), progress, log, published)
 
 
 def _stored(row: Row, ctx: Context) -> Optional[dict]:
-    rec = finished_result(ctx.output / row.name, row.config_hash())
+    rec = stored_result(row, ctx)
     return {**rec, "reused": True} if rec is not None else None
 
 
@@ -68,12 +71,27 @@ def _stand_in_student(ctx: Context, row: Row) -> str:
     return str(ctx.output / row.name / "student")
 
 
+def study_leader(first: list[Row], record: Callable[[Row], Optional[dict]], seeds: list) -> Optional[Row]:
+    """The study row that beats common's own setting (its β=auto first-seed row) on dev, if any: the best."""
+    base = next((record(r) for r in first if r.group == "auto" and r.seed == seeds[0]), None)
+    if not base or not isinstance(base.get("dev_spearman"), (int, float)):
+        return None
+    best, best_dev = None, base["dev_spearman"]
+    for row in first:
+        rec = record(row) if row.group == "study" else None
+        if rec and rec.get("status") == "done" and isinstance(rec.get("dev_spearman"), (int, float)) \
+                and rec["dev_spearman"] > best_dev:
+            best, best_dev = row, rec["dev_spearman"]
+    return best
+
+
 def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[str] = None, progress: bool = True,
-             argv: Optional[list] = None, log: Callable[[str], None] = log_stderr) -> dict:
+             argv: Optional[list] = None, log: Callable[[str], None] = log_stderr,
+             reuse_results: Optional[str] = None) -> dict:
     """Run the requested groups (default: all) and assemble the results document from every finished
-    row of the current settings on disk."""
+    row of the current settings on disk (and, with ``reuse_results``, of a published results file)."""
     started = time.time()
-    ctx = make_context(spec, data_dir=data_dir, progress=progress, log=log)
+    ctx = make_context(spec, data_dir=data_dir, progress=progress, log=log, reuse_results=reuse_results)
     wanted = set(groups or GROUPS)
     for g in list(wanted):
         wanted |= set(NEEDS.get(g, ()))
@@ -85,7 +103,7 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[st
         if row.kind == "train":
             check_train_config(row)
     records: dict[str, dict] = {}
-    total = len(first) + len(second_stand_in) + max(0, len(ctx.spec.get("seeds", [1, 2, 3])) - 1)
+    total = len(first) + len(second_stand_in) + 2 * max(0, len(ctx.spec.get("seeds", [1, 2, 3])) - 1)
     done = 0
 
     workers = spec.get("workers") or 1
@@ -111,13 +129,16 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[st
     seeds = spec.get("seeds", [1, 2, 3])
     candidates = [r for r in first if r.group == "sweep" or (r.group == "auto" and r.seed == seeds[0])]
     chosen = choose([rec for rec in map(record, candidates) if rec])
+    leader = study_leader(first, record, seeds)
+    # a change that led the study at the first seed runs at the other seeds too (beside phase two's rows)
+    confirm = study_confirm_rows(ctx, leader) if leader is not None else []
     second: list[Row] = []
     third: list[Row] = []
     stage2_chosen = None
     if chosen is not None:
         chosen_row = next(r for r in candidates if r.name == chosen["name"])
         is_auto = chosen_row.group == "auto"  # then its other seeds are the auto rows themselves
-        second = phase_two_rows(ctx, chosen_row, chosen["student"], repeat_seeds=not is_auto)
+        second = confirm + phase_two_rows(ctx, chosen_row, chosen["student"], repeat_seeds=not is_auto)
         run_rows(second)
         stage2_rows = [r for r in second if r.group == "stage2_sweep"]
         stage2_chosen = choose([rec for rec in map(record, stage2_rows) if rec])
@@ -132,8 +153,11 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[st
             third = phase_three_rows(ctx, chosen_row, next(r for r in stage2_rows if r.name == stage2_chosen["name"]),
                                      parents)
             run_rows(third)
-    elif wanted & {"ibkd", "stage2_sweep", "finetune", "compact"}:
-        log("no finished sweep row: the ibkd, stage 2 and compact rows need the sweep's choice")
+    else:
+        second = confirm
+        run_rows(second)
+        if wanted & {"ibkd", "stage2_sweep", "finetune", "compact"}:
+            log("no finished sweep row: the ibkd, stage 2 and compact rows need the sweep's choice")
     emb = embedding_row(ctx)
     if emb is not None and "embedding" in wanted:
         records[emb.name] = execute(emb, ctx, index="[embedding] ")

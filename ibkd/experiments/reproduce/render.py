@@ -164,6 +164,13 @@ def render_study(doc: dict) -> str:
         if c["name"] == study.get("best_dev"):
             name = f"**{name}** (best dev)"
         out.append(f"| {name} | {_change(c.get('change'))} | {_f(c['dev_spearman'])} | {_f(c['test_spearman'])} |")
+    conf = study.get("confirmation")
+    if conf:
+        verdict = ("it stays ahead: the config trails it" if study.get("best_dev") == conf["name"]
+                   else "it does not stay ahead: the config's setting stays")
+        out += ["", f"{conf['name']} led at the first seed, so it ran at seeds {', '.join(map(str, conf['seeds']))}: "
+                    f"dev {_ms(conf['dev'])} (test {_ms(conf['test'])}) against the config's own β=auto rows, dev "
+                    f"{_ms(conf['config_dev'])} (test {_ms(conf['config_test'])}); {verdict}."]
     return "\n".join(out)
 
 

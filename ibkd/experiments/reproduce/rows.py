@@ -7,6 +7,7 @@ stage 2 from it, the compact student and its table); the embedding comparison st
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -41,9 +42,23 @@ class Row:
             train["amp"] = resolve_amp("auto", resolve_device(train.get("device") or TrainConfig.device))
         blob = json.dumps({"kind": self.kind, "seed": self.seed, "train": train, "extra": self.hash_extra},
                           sort_keys=True, default=str)
-        if self.root:
-            blob = blob.replace(json.dumps(self.root)[1:-1], "<output>")
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return hashlib.sha256(self._anchored(blob).encode()).hexdigest()[:16]
+
+    def resolved_config(self) -> Optional[dict]:
+        """Every hashed TrainConfig field of a training row as it trains, the stage's library defaults filled
+        in (the hash covers only the fields the plan sets): stored with the result, so a row is not reused
+        after a library default it trained with has changed."""
+        if self.kind not in ("train", "st_mse"):
+            return None
+        cfg = TrainConfig.from_dict({**self.train, "output_dir": "unused"})
+        values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED and k != "output_dir"}
+        values.update(cfg.stage_defaults())
+        if values.get("amp") == "auto":
+            values["amp"] = resolve_amp("auto", resolve_device(cfg.device))
+        return json.loads(self._anchored(json.dumps(values, sort_keys=True, default=str)))
+
+    def _anchored(self, blob: str) -> str:
+        return blob.replace(json.dumps(self.root)[1:-1], "<output>") if self.root else blob
 
 
 @dataclass
@@ -58,6 +73,7 @@ class Context:
     num_threads: Optional[int]
     progress: bool
     log: Callable[[str], None] = print
+    published: Optional[dict] = None  # --reuse_results: load_published() of a published results file
 
 
 def _fmt_num(v) -> str:
@@ -229,6 +245,20 @@ def phase_three_rows(ctx: Context, chosen: Row, stage2_chosen: Row, parents: dic
                            {"chosen": chosen.info.get("sweep_name"), "parent_hash": parent_row.config_hash(),
                             "stage2_chosen": stage2_chosen.config_hash()})
         row.info["stage2_name"] = stage2_chosen.info.get("stage2_name")
+        rows.append(row)
+    return rows
+
+
+def study_confirm_rows(ctx: Context, study_row: Row) -> list[Row]:
+    """The study's dev-best change at the other seeds (phase two): a single-seed lead over common's own
+    setting is confirmed on the seeds' means before the config is said to trail it."""
+    seeds = ctx.spec.get("seeds", [1, 2, 3])
+    change = study_row.info["change"]
+    rows = []
+    for s in seeds[1:]:
+        row = distill_row(ctx, f"{study_row.name}-s{s}", "study_confirm", "ibkd", s, ctx.spec["auto"],
+                          extra_train=dict(change))
+        row.info.update(study_name=study_row.info["study_name"], change=dict(change))
         rows.append(row)
     return rows
 

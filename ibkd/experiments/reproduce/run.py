@@ -47,9 +47,11 @@ def _json_default(value):
     raise TypeError(f"not JSON serializable: {type(value).__name__}")
 
 
-def finished_result(folder: Path, config_hash: str) -> Optional[dict]:
-    """The stored result of a finished row when it was produced by the same settings, else None. Paths
-    are re-anchored at ``folder`` (the output folder may have moved since)."""
+def finished_result(folder: Path, config_hash: str, resolved: Optional[dict] = None) -> Optional[dict]:
+    """The stored result of a finished row when it was produced by the same settings, else None: the same
+    hash and, where the result recorded them, the same resolved settings (``resolved``: library defaults
+    filled in; results written before they were recorded are matched by the hash alone). Paths are
+    re-anchored at ``folder`` (the output folder may have moved since)."""
     path = folder / RESULT_NAME
     if not path.is_file():
         return None
@@ -59,9 +61,45 @@ def finished_result(folder: Path, config_hash: str) -> Optional[dict]:
         return None
     if doc.get("config_hash") != config_hash or doc.get("status") != "done":
         return None
+    if resolved is not None and doc.get("resolved_config") not in (None, resolved):
+        return None
     if doc.get("student_path"):
         doc["student"] = str(folder / doc["student_path"])
     return doc
+
+
+def stored_result(row: Row, ctx: Context) -> Optional[dict]:
+    """The row's finished result of the same settings: its own folder's, else (``--reuse_results``) the
+    same row of a published results file, written into the folder first and marked as restored. A restored
+    row has no trained student on disk: a row that would train from it fails and says so."""
+    folder = ctx.output / row.name
+    h, resolved = row.config_hash(), row.resolved_config()
+    done = finished_result(folder, h, resolved)
+    if done is not None or not ctx.published:
+        return done
+    rec = ctx.published["rows"].get(row.name)
+    if not rec or rec.get("config_hash") != h or rec.get("status") != "done":
+        return None
+    if resolved is not None and rec.get("resolved_config") not in (None, resolved):
+        return None
+    restored = {k: v for k, v in rec.items() if k not in ("reused", "student")}
+    restored["restored_from"] = {"file": ctx.published["file"], "git_commit": ctx.published["git_commit"]}
+    atomic_json(folder / RESULT_NAME, restored)
+    ctx.log(f"{row.name}: restored from {ctx.published['file']} (same settings hash; run at commit "
+            f"{ctx.published['git_commit']})")
+    return finished_result(folder, h, resolved)
+
+
+def load_published(path: str) -> dict:
+    """The rows of a published results document (``ibkd reproduce --reuse_results``), by name."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReproduceError(f"--reuse_results: cannot read {path} as a results JSON ({exc.__class__.__name__})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list) or doc.get("quick"):
+        raise ReproduceError(f"--reuse_results: {path} is not the results JSON of a full `ibkd reproduce` run")
+    return {"file": str(path), "git_commit": (doc.get("environment") or {}).get("git_commit"),
+            "rows": {r["name"]: r for r in doc["rows"] if isinstance(r, dict) and "name" in r}}
 
 
 def log_stderr(message: str) -> None:
@@ -230,13 +268,14 @@ def execute(row: Row, ctx: Context, *, index: str = "", records: Optional[dict] 
     plan goes on."""
     folder = ctx.output / row.name
     h = row.config_hash()
+    resolved = row.resolved_config()
     base = {"name": row.name, "group": row.group, "kind": row.kind, "seed": row.seed, "config_hash": h, **row.info}
     missing = [n for n in row.info.get("needs", []) if ((records or {}).get(n) or {}).get("status") != "done"]
     if missing:
         reason = f"needs {', '.join(missing)}, which did not finish"
         ctx.log(f"{index}{row.name}: skipped ({reason})")
         return {**base, "status": "skipped", "reason": reason}
-    done = finished_result(folder, h)
+    done = stored_result(row, ctx)
     if done is not None:
         ctx.log(f"{index}{row.name}: finished earlier (same settings), reused")
         return {**done, "reused": True}
@@ -255,7 +294,8 @@ def execute(row: Row, ctx: Context, *, index: str = "", records: Optional[dict] 
         ctx.log(f"{index}{row.name}: FAILED after {time.perf_counter() - started:.0f} s ({message})")
         return {**base, "status": "failed", "reason": message}
     record = {**base, **out, "status": "done", "row_seconds": time.perf_counter() - started,
-              "train_config": {k: v for k, v in row.train.items() if k != "progress"} or None}
+              "train_config": {k: v for k, v in row.train.items() if k != "progress"} or None,
+              "resolved_config": resolved}
     atomic_json(folder / RESULT_NAME, record)
     scores = "".join(f" {s} {record[f'{s}_spearman']:.2f}" for s in ("dev", "test")
                      if isinstance(record.get(f"{s}_spearman"), (int, float)))

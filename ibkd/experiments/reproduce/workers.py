@@ -18,7 +18,7 @@ import os
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 
 from .rows import Context, Row
-from .run import execute, finished_result, log_stderr, set_threads
+from .run import execute, log_stderr, set_threads, stored_result
 
 # the TrainConfig fields that decide which teacher cache a stage-1 row reads
 CACHE_FIELDS = ("teacher", "corpus", "corpus_column", "corpus_limit", "extra_stsb_sentences", "max_length",
@@ -43,7 +43,7 @@ def build_caches_first(rows: list[Row], ctx: Context) -> None:
     for row in rows:
         if row.kind != "train" or row.train.get("stage") != "distill" or row.train.get("method") == "none":
             continue
-        if finished_result(ctx.output / row.name, row.config_hash()) is not None:
+        if stored_result(row, ctx) is not None:
             continue
         key = tuple(str(row.train.get(k)) for k in CACHE_FIELDS)
         if key in seen:

@@ -206,7 +206,7 @@ class IBKDDistillationLoss(_IBKDSentenceLoss):
                 faster on CPU for short sentences, see :mod:`.length_chunks`); None or 0: one forward.
             **objective_kwargs: options of :class:`ibkd.losses.IBKDLoss`, with its defaults:
                 ``temperature=1.0``; ``beta="auto"`` (β set in the first training steps so that the HSIC
-                gradient is ``beta_target_ratio=0.5`` times the InfoNCE gradient at the student output,
+                gradient is ``beta_target_ratio=0.07`` times the InfoNCE gradient at the student output,
                 then frozen; a number means exactly that β, 0 gives contrastive distillation);
                 ``gamma=1.0`` (or ``"median"``); ``normalize_hsic_inputs=True``; ``projection=True`` with
                 ``projection_init="identity"`` (P starts at the identity when the dims match);
