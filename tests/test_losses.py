@@ -210,6 +210,18 @@ def test_ibkd_loss_constructor_errors_name_the_argument(kwargs, word):
         ibkd.IBKDLoss(**kwargs)
 
 
+def test_auto_beta_aims_at_each_stages_own_ratio():
+    # stage 1: the ratio of the dev-best fixed β at the reproduction's 300 steps; stage 2: the 0.2-0.8 middle
+    from ibkd.distill.config import TrainConfig
+
+    assert ibkd.IBKDLoss(8, 8).beta.target_ratio == STAGE1_DEFAULTS["beta_target_ratio"] == 0.07
+    assert ibkd.losses.SupervisedIBKDLoss(8).beta.target_ratio == STAGE2_DEFAULTS["beta_target_ratio"] == 0.5
+    # the CLI resolves the same per-stage defaults, and a number given is that number
+    assert TrainConfig.from_dict({}).stage_defaults()["beta_target_ratio"] == 0.07
+    assert TrainConfig.from_dict({"stage": "finetune"}).stage_defaults()["beta_target_ratio"] == 0.5
+    assert TrainConfig.from_dict({"beta_target_ratio": 0.2}).stage_defaults()["beta_target_ratio"] == 0.2
+
+
 def test_stage_defaults_build():
     s1 = ibkd.IBKDLoss(384, 768, **STAGE1_DEFAULTS)
     assert s1.beta.auto and s1.projection.out_features == 768

@@ -16,8 +16,10 @@ import torch
 import yaml
 
 import ibkd.distill.trainer
+import ibkd.losses
 from ibkd.distill.models import make_tiny_bert
 from ibkd.experiments import reproduce
+from ibkd.experiments.reproduce.aggregate import CONFIRM_ALPHA
 
 WORDS = "man woman child dog cat horse plays guitar piano runs eats apple bread red blue car tree".split()
 SEEDS = [1, 2, 3]
@@ -569,3 +571,90 @@ def test_wired_into_the_ibkd_command(reproduced, capsys):
     assert "| student, IBKD |" in capsys.readouterr().out
     assert ibkd_cli.main(["reproduce", "--config", config, "--rows", "nope"]) == 2
     assert "unknown group(s) nope" in capsys.readouterr().err
+
+
+def test_reuse_results_takes_the_published_rows_of_unchanged_settings(reproduced, monkeypatch):
+    # a published results file stands in for the row folders: only the rows whose settings changed train
+    root, spec, _, doc, _ = reproduced
+    published = root / "published.json"
+    published.write_text(json.dumps(doc))
+    changed = {**spec, "study": {"settings": [{"name": "layers-1-2", "student_layers": "1,2", "learning_rate": 2e-3}]}}
+    ran, real_run = [], ibkd.distill.trainer.run
+    monkeypatch.setattr("ibkd.distill.trainer.run", lambda cfg: ran.append(Path(cfg.output_dir).name) or real_run(cfg))
+    work = root / "reuse-out"
+    code, _, err = cli(["--config", write_config(root, changed, "reuse.yaml"), "--output", str(work),
+                        "--reuse_results", str(published), "--results", str(root / "reuse.json"), "--readme", "none",
+                        "--no-progress"])
+    assert code == 0, err
+    assert ran and all(name.startswith("study-layers-1-2") for name in ran)  # the changed row (and its confirmation)
+    new = {r["name"]: r for r in json.loads((root / "reuse.json").read_text())["rows"]}
+    for old in doc["rows"]:
+        if old["status"] != "done" or old["group"] in ("study", "study_confirm"):
+            continue
+        assert new[old["name"]]["reused"] and new[old["name"]].get("dev_spearman") == old.get("dev_spearman")
+        stored = json.loads((work / old["name"] / "result.json").read_text())
+        assert stored["restored_from"]["file"] == str(published)
+    assert "restored from" in err
+
+
+def test_reuse_results_refuses_what_is_not_a_full_run(workspace, tmp_path):
+    root, spec = workspace
+    config = write_config(root, spec, "refuse.yaml")
+    for text, why in (("not json", "cannot read"), (json.dumps({"rows": [], "quick": True}), "not the results JSON")):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        code, _, err = cli(["--config", config, "--output", str(tmp_path / "o"), "--reuse_results", str(bad),
+                            "--no-progress"])
+        assert code == 2 and "--reuse_results" in err and why in err and "Traceback" not in err
+
+
+def test_a_row_is_not_reused_once_a_library_default_it_trained_with_changed(reproduced, monkeypatch):
+    # the settings hash covers what the plan sets; the resolved settings stored with each result cover the
+    # library's defaults: β=auto rows trained at another target ratio run again, fixed-β rows are kept
+    root, spec, config, _, _ = reproduced
+    work = root / "default-changed-out"
+    shutil.copytree(root / "out", work)
+    monkeypatch.setitem(ibkd.losses.STAGE1_DEFAULTS, "beta_target_ratio", 0.3)
+    ran = []
+
+    def refuse(cfg):
+        ran.append(Path(cfg.output_dir).name)
+        raise RuntimeError("not trained in this test")
+
+    monkeypatch.setattr("ibkd.distill.trainer.run", refuse)
+    cli(["--config", config, "--output", str(work), "--results", str(root / "default-changed.json"), "--readme", "none",
+         "--no-progress", "--rows", "mse,contrastive,sweep,auto"])
+    assert sorted(ran) == ["auto-s1", "auto-s2", "auto-s3"]
+
+
+def test_a_study_lead_at_the_first_seed_is_judged_on_the_seeds_means():
+    spec = {"seeds": [1, 2, 3]}
+    auto = [{"name": f"auto-s{s}", "group": "auto", "seed": s, "status": "done", "dev_spearman": d, "test_spearman": 80.0}
+            for s, d in ((1, 86.00), (2, 86.10), (3, 86.20))]
+    lead = {"name": "study-len-128", "group": "study", "seed": 1, "status": "done", "study_name": "len-128",
+            "change": {"max_length": 128}, "dev_spearman": 86.05, "test_spearman": 80.1}
+    confirm = [{**lead, "name": f"study-len-128-s{s}", "group": "study_confirm", "seed": s, "dev_spearman": d}
+               for s, d in ((2, 86.00), (3, 86.05))]
+    single = reproduce.aggregate.settings_study(auto + [lead], spec)
+    assert single["best_dev"] == "len-128" and "confirmation" not in single
+    judged = reproduce.aggregate.settings_study(auto + [lead] + confirm, spec)
+    assert judged["best_dev"] == "config" and judged["first_seed_best_dev"] == "len-128"
+    conf = judged["confirmation"]
+    assert conf["seeds"] == [1, 2, 3] and conf["dev"]["mean"] == pytest.approx(86.0333, abs=1e-3)
+    assert conf["config_dev"]["mean"] == pytest.approx(86.10) and conf["p_value"] > 0.5
+    assert conf["paired_dev_difference"]["values"] == pytest.approx([0.05, -0.10, -0.15])
+    # a higher mean is not enough: +0.03, 0.00, -0.01 (this project's lr-2e-3 confirmation) is noise
+    noise = [{**c, "dev_spearman": d} for c, d in zip(confirm, (86.10, 86.19))]
+    tied = reproduce.aggregate.settings_study(auto + [{**lead, "dev_spearman": 86.03}] + noise, spec)
+    assert tied["confirmation"]["dev"]["mean"] > tied["confirmation"]["config_dev"]["mean"]
+    assert tied["best_dev"] == "config" and tied["confirmation"]["p_value"] > CONFIRM_ALPHA
+    ahead = [{**c, "dev_spearman": d} for c, d in zip(confirm, (86.31, 86.42))]
+    clear = reproduce.aggregate.settings_study(auto + [{**lead, "dev_spearman": 86.2}] + ahead, spec)
+    assert clear["best_dev"] == "len-128" and clear["confirmation"]["p_value"] < CONFIRM_ALPHA
+    text = reproduce.render.render_study({"study": judged})
+    assert "led at the first seed" in text and "the config's setting stays" in text and "paired t-test" in text
+
+
+def test_the_shipped_auto_rows_use_the_library_default_ratio():
+    spec = reproduce.load_spec(reproduce.DEFAULT_CONFIG)
+    assert spec["auto"]["beta_target_ratio"] == ibkd.losses.STAGE1_DEFAULTS["beta_target_ratio"]

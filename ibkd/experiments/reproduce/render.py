@@ -29,6 +29,12 @@ def _ms(stat: Optional[dict], digits=2) -> str:
     return f"{_f(stat['mean'], digits)} ± {_f(stat['std'], digits)}"
 
 
+def _signed(stat: dict) -> str:
+    if not stat or stat.get("mean") is None:
+        return "—"
+    return f"{stat['mean']:+.2f}" + (f" ± {stat['std']:.2f}" if stat.get("std") is not None else "")
+
+
 def _params(n) -> str:
     if not isinstance(n, (int, float)):
         return "—"
@@ -69,14 +75,22 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
                f"**dev** only.")
     out += ["", "| row | method / setting | seeds | STS-B dev | STS-B test | params | dim | encode (sent/s) | train time |",
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    by_row = {line["row"]: line for line in doc["summary"]}
+    # β=auto chosen on dev: the IBKD line is the auto rows themselves, shown once
+    auto_is_ibkd = "ibkd" in by_row and by_row["ibkd"]["runs"] == by_row.get("auto", {}).get("runs")
     for line in doc["summary"]:
+        if line["row"] == "auto" and auto_is_ibkd:
+            continue
         title = ROW_TITLES.get(line["row"], line["row"])
         if line["row"] == "compact" and line.get("d_small"):
             title += f" (table d={line['d_small']})"
+        if line["row"] == "ibkd" and auto_is_ibkd:
+            title += " (β=auto, the dev choice)"
         seeds = len(line["runs"]) if line["row"] not in ("teacher", "none") else "—"
         label = line.get("label") or "—"
-        if line["row"] == "auto" and (line.get("chosen_beta") or {}).get("values"):
-            label += "; β frozen at " + ", ".join(f"{v:.3g}" for v in line["chosen_beta"]["values"])
+        frozen = (by_row["auto"] if line["row"] == "ibkd" and auto_is_ibkd else line).get("chosen_beta") or {}
+        if line["row"] in ("auto", "ibkd") and frozen.get("values"):
+            label += "; β frozen at " + ", ".join(f"{v:.3g}" for v in frozen["values"])
         train = _ms(line["train_seconds"], 0)
         if line["train_seconds"].get("mean") is not None:
             train = _duration(line["train_seconds"]["mean"]) + (" per seed" if line["train_seconds"]["n"] > 1 else "")
@@ -166,11 +180,14 @@ def render_study(doc: dict) -> str:
         out.append(f"| {name} | {_change(c.get('change'))} | {_f(c['dev_spearman'])} | {_f(c['test_spearman'])} |")
     conf = study.get("confirmation")
     if conf:
-        verdict = ("it stays ahead: the config trails it" if study.get("best_dev") == conf["name"]
-                   else "it does not stay ahead: the config's setting stays")
+        verdict = ("it is better: the config trails it" if study.get("best_dev") == conf["name"]
+                   else "no evidence that it is better: the config's setting stays")
+        diff = conf.get("paired_dev_difference") or {}
+        test = (f"; paired by seed {_signed(diff)}, one-sided paired t-test p = {conf['p_value']:.2g} (a change is "
+                f"adopted at p < {conf['alpha']:g})" if conf.get("p_value") is not None else "")
         out += ["", f"{conf['name']} led at the first seed, so it ran at seeds {', '.join(map(str, conf['seeds']))}: "
                     f"dev {_ms(conf['dev'])} (test {_ms(conf['test'])}) against the config's own β=auto rows, dev "
-                    f"{_ms(conf['config_dev'])} (test {_ms(conf['config_test'])}); {verdict}."]
+                    f"{_ms(conf['config_dev'])} (test {_ms(conf['config_test'])}){test}: {verdict}."]
     return "\n".join(out)
 
 

@@ -53,6 +53,9 @@ class Row:
         cfg = TrainConfig.from_dict({**self.train, "output_dir": "unused"})
         values = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_HASHED and k != "output_dir"}
         values.update(cfg.stage_defaults())
+        if values.get("beta") != "auto":  # what auto aims at means nothing to a fixed β
+            values.pop("beta_target_ratio", None)
+            values.pop("beta_calibration_steps", None)
         if values.get("amp") == "auto":
             values["amp"] = resolve_amp("auto", resolve_device(cfg.device))
         return json.loads(self._anchored(json.dumps(values, sort_keys=True, default=str)))
