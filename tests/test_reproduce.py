@@ -595,6 +595,7 @@ def test_reuse_results_takes_the_published_rows_of_unchanged_settings(reproduced
         stored = json.loads((work / old["name"] / "result.json").read_text())
         assert stored["restored_from"]["file"] == str(published)
     assert "restored from" in err
+    assert f"restored from the published {published}" in (root / "reuse.md").read_text()  # the rendered machine line
 
 
 def test_reuse_results_refuses_what_is_not_a_full_run(workspace, tmp_path):

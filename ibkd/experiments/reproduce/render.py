@@ -29,6 +29,17 @@ def _ms(stat: Optional[dict], digits=2) -> str:
     return f"{_f(stat['mean'], digits)} ± {_f(stat['std'], digits)}"
 
 
+def _restored(doc: dict) -> str:
+    """Which rows came from a published run (``--reuse_results``), and the commits they ran at."""
+    rows = [r for r in doc.get("rows", []) if r.get("restored_from")]
+    if not rows:
+        return ""
+    commits = sorted({str(r["restored_from"].get("git_commit")) for r in rows})
+    files = sorted({str(r["restored_from"].get("file")) for r in rows})
+    return (f"; {len(rows)} of them restored from the published {', '.join(files)} (same settings hash; run at commit "
+            f"{', '.join(commits)}): {', '.join(r['name'] for r in rows)}")
+
+
 def _signed(stat: dict) -> str:
     if not stat or stat.get("mean") is None:
         return "—"
@@ -114,7 +125,7 @@ def render_reproduce(doc: dict, image: Optional[str]) -> str:
             f"torch {env.get('torch')}, transformers {env.get('transformers')}; commit {env.get('git_commit')}. "
             f"Command: `{env.get('command')}`; wall time {_duration(doc.get('wall_seconds'))} "
             f"(row compute {_duration(doc.get('compute_seconds'))}, including rows reused from an earlier invocation"
-            f"{_workers(s)}). "
+            f"{_workers(s)}){_restored(doc)}. "
             f"Encode throughput: the better of the STS-B dev and test passes (batch "
             f"{s.get('eval_batch_size') or 128}, tokenization included) on a shared machine; compare it within a run."]
     if env.get("note"):  # an annotation of the run (e.g. other load on the machine), kept in the results JSON
