@@ -659,3 +659,18 @@ def test_a_study_lead_at_the_first_seed_is_judged_on_the_seeds_means():
 def test_the_shipped_auto_rows_use_the_library_default_ratio():
     spec = reproduce.load_spec(reproduce.DEFAULT_CONFIG)
     assert spec["auto"]["beta_target_ratio"] == ibkd.losses.STAGE1_DEFAULTS["beta_target_ratio"]
+
+
+def test_stage_two_from_a_restored_parent_says_its_student_is_missing(reproduced, monkeypatch):
+    # restored rows bring scores, not students: a stage-2 row that must train from one fails with the reason
+    root, spec, _, doc, _ = reproduced
+    published = root / "published-parent.json"
+    published.write_text(json.dumps(doc))
+    changed = {**spec, "finetune": {**spec["finetune"], "lr": 7e-5}}
+    work = root / "restored-parent-out"
+    code, _, err = cli(["--config", write_config(root, changed, "restored-parent.yaml"), "--output", str(work),
+                        "--reuse_results", str(published), "--results", str(root / "restored-parent.json"),
+                        "--readme", "none", "--no-progress", "--rows", "stage2_sweep"])
+    assert code == 1
+    failed = [r for r in json.loads((root / "restored-parent.json").read_text())["rows"] if r["status"] == "failed"]
+    assert failed and all("not on disk" in r["reason"] and "--reuse_results" in r["reason"] for r in failed)

@@ -170,6 +170,10 @@ def run_train_row(row: Row, ctx: Context, folder: Path) -> dict:
     """Train the row in ``folder``: resumed from its last checkpoint when an interrupted run of the same
     settings left one, else from scratch (whatever the folder held is replaced)."""
     values = {**row.train, "output_dir": str(folder)}
+    parent = row.train.get("student") if row.info.get("parent") else None  # stage 2 from a row of this plan
+    if parent and not Path(parent).exists():
+        raise ReproduceError(f"its parent's student {parent} is not on disk (a row restored by --reuse_results brings "
+                             f"its scores, not its student): run the parent row again without --reuse_results")
     row_cfg_path = folder / ROW_CONFIG_NAME
     previous = json.loads(row_cfg_path.read_text()) if row_cfg_path.is_file() else {}
     checkpoint = trainer.last_checkpoint(folder) if previous.get("config_hash") == row.config_hash() else None
