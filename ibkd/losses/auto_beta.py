@@ -5,8 +5,9 @@ Why: the scale of HSIC depends on the kernel bandwidth, the input normalisation 
 STS-B dev): the paper's stage-1 β=0.2 gives ‖∇β·HSIC‖/‖∇InfoNCE‖ ≈ 0.001 at the student output and
 scores exactly like β=0; at 40 steps ratios of 0.2–0.8 helped (+0.7 dev); a ratio of about 5 collapses the
 student. At the reproduction's 300-step budget the dev-best fixed β (10, of 0/10/20/50) is a ratio of 0.07
-during calibration, and a target of 0.5 (β ≈ 72-78 there) trailed it by 0.21 dev: the longer a run, the
-smaller the ratio it wants, so stage 1 aims at 0.07. What matters is that ratio, so ``auto`` measures both gradients at the student output during the first
+during calibration, and a target of 0.5 (β ≈ 72-78 there) trailed it by 0.21 dev. The longer run wanted
+the smaller ratio; stage 1 aims at 0.07, the ratio of the budget the reproduction runs at. What matters
+is that ratio, so ``auto`` measures both gradients at the student output during the first
 ``calibration_steps`` training calls and sets β = target_ratio · mean‖∇InfoNCE‖ / mean‖∇HSIC‖. From then
 on β is a constant (stored in the loss's state dict, so a resumed run keeps it): the objective is fixed
 for the rest of training.
