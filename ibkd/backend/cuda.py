@@ -99,7 +99,5 @@ class CUDABackend(Backend):
 
     def hsic_stats_backward(self, grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel,
                             need_x=True, need_z=True):
-        # the CUDA binding computes both gradients in one call (its skip is not written yet): an unneeded
-        # one is dropped here
-        dx, dz = self._ops.hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel)
-        return (dx if need_x else None), (dz if need_z else None)
+        # computes both gradients either way (not skipped yet); the op drops the one not needed
+        return self._ops.hsic_stats_backward(grad_sums, grad_rowsum_k, grad_rowsum_l, x, z, gammas, kernel)

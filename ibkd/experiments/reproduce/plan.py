@@ -11,7 +11,7 @@ from typing import Callable, Optional
 
 from ...distill.config import DATA_DIR_ENV, default_data_dir
 from ..embedding import stsb_paths
-from .aggregate import assemble, choose
+from .aggregate import assemble, choose, settings_study
 from .gpu import run_gpu_timing
 from .rows import (Context, Row, check_train_config, embedding_row, phase_one_rows, phase_three_rows, phase_two_rows,
                    study_confirm_rows)
@@ -71,18 +71,14 @@ def _stand_in_student(ctx: Context, row: Row) -> str:
     return str(ctx.output / row.name / "student")
 
 
-def study_leader(first: list[Row], record: Callable[[Row], Optional[dict]], seeds: list) -> Optional[Row]:
-    """The study row that beats common's own setting (its β=auto first-seed row) on dev, if any: the best."""
-    base = next((record(r) for r in first if r.group == "auto" and r.seed == seeds[0]), None)
-    if not base or not isinstance(base.get("dev_spearman"), (int, float)):
+def study_leader(first: list[Row], record: Callable[[Row], Optional[dict]], spec: dict) -> Optional[Row]:
+    """The study row that beats common's own setting (its β=auto first-seed row) on dev, if any: the
+    results' own verdict (:func:`settings_study`) before any confirmation at the other seeds."""
+    recs = [rec for rec in map(record, (r for r in first if r.group in ("auto", "study"))) if rec]
+    study = settings_study(recs, spec)
+    if not study["candidates"] or study["best_dev"] == "config":
         return None
-    best, best_dev = None, base["dev_spearman"]
-    for row in first:
-        rec = record(row) if row.group == "study" else None
-        if rec and rec.get("status") == "done" and isinstance(rec.get("dev_spearman"), (int, float)) \
-                and rec["dev_spearman"] > best_dev:
-            best, best_dev = row, rec["dev_spearman"]
-    return best
+    return next(r for r in first if r.group == "study" and r.info.get("study_name") == study["best_dev"])
 
 
 def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[str] = None, progress: bool = True,
@@ -129,7 +125,7 @@ def run_plan(spec: dict, *, groups: Optional[list] = None, data_dir: Optional[st
     seeds = spec.get("seeds", [1, 2, 3])
     candidates = [r for r in first if r.group == "sweep" or (r.group == "auto" and r.seed == seeds[0])]
     chosen = choose([rec for rec in map(record, candidates) if rec])
-    leader = study_leader(first, record, seeds)
+    leader = study_leader(first, record, spec)
     # a change that led the study at the first seed runs at the other seeds too (beside phase two's rows)
     confirm = study_confirm_rows(ctx, leader) if leader is not None else []
     second: list[Row] = []
